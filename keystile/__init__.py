@@ -1,0 +1,1 @@
+"""The Keystile proxy: application, relay, admin routes, errors and config."""

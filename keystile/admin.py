@@ -1,0 +1,202 @@
+"""The ``/key/*`` management routes, with LiteLLM's paths and field names.
+
+Every route needs the master key, except ``GET /key/info`` which a virtual
+key may call about itself.  Every change is committed to the keystore (and
+to its memory) before the route answers, so it holds on the next request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from keystore import KeyFilter, KeyRecord
+from policies import Context
+
+from .errors import BadRequest, Forbidden
+from .keyfields import GENERATE_FIELDS, UPDATE_FIELDS, parse_duration, validate_fields
+from .state import AUTH, CONFIG, CONTEXT, KEYS
+
+__all__ = ["add_routes", "caller"]
+
+
+def _json(payload: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
+async def caller(request: web.Request) -> Context:
+    """Authenticate whoever calls an admin route (master or virtual key)."""
+    ctx = Context("admin", request.headers)
+    request[CONTEXT] = ctx
+    await request.app[AUTH].check(ctx)
+    return ctx
+
+
+async def _require_master(request: web.Request) -> None:
+    if request.app[CONFIG].master_key is None:
+        raise Forbidden(
+            "No master key is configured: set general_settings.master_key "
+            "to use the admin routes"
+        )
+    ctx = await caller(request)
+    if not ctx.is_master:
+        raise Forbidden(f"Only the master key may call {request.path}")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object")
+    return body
+
+
+def _created(raw: str, record: KeyRecord) -> dict[str, Any]:
+    # The one answer that carries the raw key: it is never shown again.
+    return {"key": raw} | record.public()
+
+
+async def generate(request: web.Request) -> web.Response:
+    await _require_master(request)
+    fields = validate_fields(await _body(request), GENERATE_FIELDS)
+    raw, record = await request.app[KEYS].generate(fields)
+    return _json(_created(raw, record))
+
+
+async def generate_service_account(request: web.Request) -> web.Response:
+    await _require_master(request)
+    fields = validate_fields(await _body(request), GENERATE_FIELDS)
+    raw, record = await request.app[KEYS].generate(fields, service_account=True)
+    return _json(_created(raw, record))
+
+
+async def info(request: web.Request) -> web.Response:
+    ctx = await caller(request)
+    ref = request.query.get("key")
+    if ref is None:
+        if ctx.key is None:
+            raise BadRequest("Name the key: /key/info?key=<key, hash or alias>",
+                             param="key")
+        record = ctx.key
+    else:
+        record = await request.app[KEYS].lookup(ref)
+        if not ctx.is_master and (ctx.key is None or ctx.key.token != record.token):
+            raise Forbidden("A virtual key may only read its own /key/info")
+    return _json({"key": record.token, "info": record.public()})
+
+
+def _int_query(request: web.Request, name: str, default: int) -> int:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise BadRequest(f"{name} must be a whole number", param=name) from None
+    if number < 1:
+        raise BadRequest(f"{name} must be 1 or more", param=name)
+    return number
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    await _require_master(request)
+    query = request.query
+    account_type = query.get("account_type")
+    if account_type is not None and account_type not in ("user", "service_account"):
+        raise BadRequest("account_type must be user or service_account",
+                         param="account_type")
+    where = KeyFilter(
+        account_type=account_type,
+        key_alias=query.get("key_alias"),
+        user_id=query.get("user_id"),
+        team_id=query.get("team_id"),
+    )
+    page = await request.app[KEYS].list(
+        where, _int_query(request, "page", 1), _int_query(request, "size", 10)
+    )
+    full = query.get("return_full_object", "false").lower() == "true"
+    return _json({
+        "keys": [record.public() if full else record.token for record in page.keys],
+        "total_count": page.total_count,
+        "current_page": page.current_page,
+        "total_pages": page.total_pages,
+    })
+
+
+async def update(request: web.Request) -> web.Response:
+    await _require_master(request)
+    body = await _body(request)
+    if "key" not in body:
+        raise BadRequest("Name the key to update: {\"key\": <key, hash or alias>}",
+                         param="key")
+    ref = body.pop("key")
+    fields = validate_fields(body, UPDATE_FIELDS - {"key"})
+    record = await request.app[KEYS].update(ref, fields)
+    return _json(record.public())
+
+
+async def delete(request: web.Request) -> web.Response:
+    await _require_master(request)
+    body = await _body(request)
+    unknown = sorted(set(body) - {"keys", "key_aliases"})
+    if unknown:
+        raise BadRequest(f"Unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    refs: list[Any] = []
+    for field in ("keys", "key_aliases"):
+        value = body.get(field) or []
+        if not isinstance(value, list):
+            raise BadRequest(f"{field} must be a list", param=field)
+        refs += [(ref, field) for ref in value]
+    if not refs:
+        raise BadRequest("Name the keys to delete in keys or key_aliases", param="keys")
+    tokens = await request.app[KEYS].delete(refs)
+    return _json({"deleted_keys": tokens})
+
+
+async def _set_blocked(request: web.Request, blocked: bool) -> web.Response:
+    await _require_master(request)
+    body = await _body(request)
+    unknown = sorted(set(body) - {"key"})
+    if unknown:
+        raise BadRequest(f"Unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    record = await request.app[KEYS].update(body.get("key"), {"blocked": blocked})
+    return _json(record.public())
+
+
+async def block(request: web.Request) -> web.Response:
+    return await _set_blocked(request, True)
+
+
+async def unblock(request: web.Request) -> web.Response:
+    return await _set_blocked(request, False)
+
+
+async def regenerate(request: web.Request) -> web.Response:
+    await _require_master(request)
+    body = await _body(request)
+    unknown = sorted(set(body) - {"key", "grace_period"})
+    if unknown:
+        raise BadRequest(f"Unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    grace = body.get("grace_period")
+    seconds = None if grace is None else parse_duration(grace, "grace_period")
+    raw, record = await request.app[KEYS].regenerate(body.get("key"), seconds)
+    return _json(_created(raw, record))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/key/generate", generate)
+    app.router.add_post("/key/service-account/generate", generate_service_account)
+    app.router.add_get("/key/info", info)
+    app.router.add_get("/key/list", list_keys)
+    app.router.add_post("/key/update", update)
+    app.router.add_post("/key/delete", delete)
+    app.router.add_post("/key/block", block)
+    app.router.add_post("/key/unblock", unblock)
+    app.router.add_post("/key/regenerate", regenerate)

@@ -1,0 +1,174 @@
+"""The aiohttp application: routes, shared objects and error rendering."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from keystore import open_keystore
+from policies import Context, Policy, build_chain
+
+from . import admin
+from .config import Config
+from .errors import BadRequest, NotFound, ProxyError, error_body, error_response
+from .errors import internal_error_response
+from .keys import KeyService
+from .relay import Relay
+from .router import Router
+from .state import AUTH, CHAIN, CONFIG, CONTEXT, KEYS, KEYSTORE, RELAY, ROUTER
+
+__all__ = ["create_app", "parse_body", "run_chain"]
+
+logger = logging.getLogger(__name__)
+
+
+# Long chats and inline images make multi-MiB bodies ordinary traffic; the
+# cap only stops a client from filling the memory of a small machine.
+MAX_BODY = 64 * 1024 * 1024
+ENDPOINTS = ("chat/completions", "completions", "embeddings")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every failure, from any layer, in the OpenAI error envelope."""
+    try:
+        return await handler(request)
+    except ProxyError as error:
+        return error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 413:
+            message = f"The request body is larger than {MAX_BODY // (1024 * 1024)} MiB"
+        elif exc.status == 404:
+            message = f"No route for {request.method} {request.path}"
+        elif exc.status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        else:
+            message = exc.reason
+        return web.Response(
+            status=exc.status,
+            body=error_body(message, _HTTP_TYPES.get(exc.status, "invalid_request_error"),
+                            None, exc.status),
+            content_type="application/json",
+        )
+    except ConnectionResetError:
+        # The client went away; nobody is left to answer.
+        raise
+    except Exception:
+        logger.exception("unexpected error on %s %s", request.method, request.path)
+        return internal_error_response()
+
+
+_HTTP_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise BadRequest("The request body is empty: send a JSON object")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object")
+    return body
+
+
+async def run_chain(chain: list[Policy], ctx: Context) -> None:
+    for policy in chain:
+        await policy.check(ctx)
+
+
+def _proxy_handler(endpoint: str) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        raw = await request.read()
+        ctx = Context(endpoint, request.headers, parse_body(raw), raw)
+        request[CONTEXT] = ctx
+        await run_chain(app[CHAIN], ctx)
+        return await app[RELAY].forward(request, ctx)
+
+    return handle
+
+
+async def list_models(request: web.Request) -> web.Response:
+    ctx = Context("models", request.headers)
+    request[CONTEXT] = ctx
+    await request.app[AUTH].check(ctx)
+    names = request.app[ROUTER].visible(ctx.key)
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "keystile"}
+            for name in names]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}),
+                        content_type="application/json")
+
+
+async def liveliness(request: web.Request) -> web.Response:
+    return web.Response(body=b'"I\'m alive!"', content_type="application/json")
+
+
+async def readiness(request: web.Request) -> web.Response:
+    try:
+        await request.app[KEYSTORE].ping()
+    except Exception as exc:  # any storage failure means "not ready"
+        logger.warning("readiness check failed: %s", exc)
+        return web.Response(
+            status=503,
+            body=error_body("The keystore is not available", "service_unavailable",
+                            None, 503),
+            content_type="application/json",
+        )
+    body = {"status": "healthy", "db": "connected"}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise NotFound(f"No route for {request.method} {request.path}")
+
+
+def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
+    app[CONFIG] = config
+    router = Router(config.deployments)
+    app[ROUTER] = router
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        keystore = await open_keystore(config.database_path)
+        keystore.start_watching(reload_interval)
+        # One pool for every upstream; connections are kept alive between
+        # requests, which is most of what a proxy can save per call.
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        # No Accept-Encoding of our own: streams must arrive as plain bytes
+        # so they can be relayed as they come.
+        session = aiohttp.ClientSession(
+            connector=connector, skip_auto_headers=("User-Agent", "Accept-Encoding")
+        )
+        app[KEYSTORE] = keystore
+        app[KEYS] = KeyService(keystore)
+        app[CHAIN] = build_chain(config, keystore, router)
+        app[AUTH] = app[CHAIN][0]
+        app[RELAY] = Relay(session)
+        try:
+            yield
+        finally:
+            await session.close()
+            await keystore.close()
+
+    app.cleanup_ctx.append(resources)
+    for endpoint in ENDPOINTS:
+        handler = _proxy_handler(endpoint)
+        app.router.add_post(f"/{endpoint}", handler)
+        app.router.add_post(f"/v1/{endpoint}", handler)
+    for path in ("/models", "/v1/models"):
+        app.router.add_get(path, list_models)
+    app.router.add_get("/health/liveliness", liveliness)
+    app.router.add_get("/health/readiness", readiness)
+    admin.add_routes(app)
+    return app

@@ -1,0 +1,290 @@
+"""Loading and validating ``config.yaml``.
+
+The file uses the subset of LiteLLM's proxy configuration that Keystile
+understands, under the same names, so that a LiteLLM user can bring their
+file along.  Every key is declared once below with its type; a key we do
+not know is logged once as a warning (never silently dropped), and a wrong
+value stops startup with one line naming the file, the key and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Deployment",
+    "load_config",
+    "DEFAULT_DATABASE_URL",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATABASE_URL = "sqlite:///keystile.db"
+DEFAULT_TIMEOUT = 600.0
+PROVIDERS = ("openai", "mock")
+_ENV_PREFIX = "os.environ/"
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message is shown as is."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One upstream that serves a public model name."""
+
+    model_name: str
+    provider: str
+    upstream_model: str
+    api_base: str | None
+    api_key: str | None = field(repr=False)
+    timeout: float
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    deployments: tuple[Deployment, ...]
+    master_key: str | None = field(repr=False)
+    database_path: Path
+    enforced_params: tuple[str, ...]
+    service_account_params: tuple[str, ...]
+    param_headers: dict[str, str]
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(dict.fromkeys(d.model_name for d in self.deployments))
+
+
+# Declared keys per section: name -> accepted Python types.  The value of a
+# nested section is checked by its own declaration.
+_TOP = {
+    "model_list": (list,),
+    "general_settings": (dict,),
+    "router_settings": (dict,),
+    "litellm_settings": (dict,),
+}
+_MODEL = {"model_name": (str,), "litellm_params": (dict,), "model_info": (dict,)}
+_PARAMS = {
+    "model": (str,),
+    "api_base": (str,),
+    "api_key": (str,),
+    "timeout": (int, float),
+}
+_MODEL_INFO = {"id": (str,)}
+_GENERAL = {
+    "master_key": (str,),
+    "database_url": (str,),
+    "enforced_params": (list,),
+    "service_account_settings": (dict,),
+}
+_SERVICE_ACCOUNT = {"enforced_params": (list,), "param_headers": (dict,)}
+
+
+class _Reader:
+    """Checks one file's sections against their declarations."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, where: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {where}: {problem}")
+
+    def section(
+        self, value: Any, where: str, known: dict[str, tuple[type, ...]]
+    ) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(where, f"must be a mapping, got {_kind(value)}")
+        out: dict[str, Any] = {}
+        for name, item in value.items():
+            key = f"{where}.{name}" if where else str(name)
+            if name not in known:
+                logger.warning("%s: %s is not understood by Keystile; ignored",
+                               self.path, key)
+                continue
+            if item is None:
+                continue
+            item = self.resolve_env(item, key)
+            types = known[name]
+            # bool is an int in Python; a YAML "yes" is never a timeout.
+            if not isinstance(item, types) or (
+                isinstance(item, bool) and bool not in types
+            ):
+                expected = " or ".join(_TYPE_NAMES[t] for t in types)
+                raise self.fail(key, f"must be {expected}, got {_kind(item)}")
+            out[name] = item
+        return out
+
+    def resolve_env(self, value: Any, where: str) -> Any:
+        if isinstance(value, str) and value.startswith(_ENV_PREFIX):
+            name = value[len(_ENV_PREFIX):]
+            if name not in os.environ:
+                raise self.fail(
+                    where, f"environment variable {name} is not set"
+                )
+            return os.environ[name]
+        return value
+
+    def names(self, value: list[Any], where: str) -> tuple[str, ...]:
+        out = []
+        for i, item in enumerate(value):
+            item = self.resolve_env(item, f"{where}[{i}]")
+            if not isinstance(item, str) or not item.strip():
+                raise self.fail(f"{where}[{i}]", "must be a non-empty string")
+            out.append(item.strip())
+        return tuple(out)
+
+
+_TYPE_NAMES = {
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    list: "a list",
+    dict: "a mapping",
+    bool: "true or false",
+}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def load_config(path: str | Path, database_override: str | None = None) -> Config:
+    """Read, resolve and validate a config file; raise ConfigError if unusable."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "file"
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path}: {where}: {problem}") from exc
+
+    reader = _Reader(path)
+    top = reader.section(data, "", _TOP)
+    general = reader.section(top.get("general_settings"), "general_settings", _GENERAL)
+    deployments = _deployments(reader, top.get("model_list", []))
+
+    master_key = general.get("master_key")
+    if master_key is not None and (
+        not master_key.startswith("sk-") or len(master_key) < 20
+    ):
+        raise reader.fail(
+            "general_settings.master_key",
+            "must start with sk- and be at least 20 characters",
+        )
+
+    service_account = reader.section(
+        general.get("service_account_settings"),
+        "general_settings.service_account_settings",
+        _SERVICE_ACCOUNT,
+    )
+    param_headers = {}
+    where = "general_settings.service_account_settings.param_headers"
+    for param, header in service_account.get("param_headers", {}).items():
+        header = reader.resolve_env(header, f"{where}.{param}")
+        if not isinstance(header, str) or not header.strip():
+            raise reader.fail(f"{where}.{param}", "must be a header name")
+        param_headers[str(param)] = header.strip().lower()
+
+    if database_override is not None:
+        database_path = Path(database_override)
+    else:
+        database_path = _database_path(
+            reader, general.get("database_url", DEFAULT_DATABASE_URL)
+        )
+
+    return Config(
+        path=path,
+        deployments=deployments,
+        master_key=master_key,
+        database_path=database_path,
+        enforced_params=reader.names(
+            general.get("enforced_params", []), "general_settings.enforced_params"
+        ),
+        service_account_params=reader.names(
+            service_account.get("enforced_params", []),
+            "general_settings.service_account_settings.enforced_params",
+        ),
+        param_headers=param_headers,
+    )
+
+
+def _deployments(reader: _Reader, entries: list[Any]) -> tuple[Deployment, ...]:
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"model_list[{i}]"
+        model = reader.section(entry, where, _MODEL)
+        name = model.get("model_name")
+        if not name or not name.strip():
+            raise reader.fail(f"{where}.model_name", "is required")
+        params = reader.section(
+            model.get("litellm_params"), f"{where}.litellm_params", _PARAMS
+        )
+        info = reader.section(model.get("model_info"), f"{where}.model_info", _MODEL_INFO)
+        target = params.get("model", "")
+        provider, _, upstream_model = target.partition("/")
+        if provider not in PROVIDERS or not upstream_model:
+            raise reader.fail(
+                f"{where}.litellm_params.model",
+                "must be openai/<model> (any OpenAI-compatible server) "
+                f"or mock/<name> (the built-in test model), got {target!r}",
+            )
+        api_base = params.get("api_base")
+        if provider == "openai" and api_base is None:
+            api_base = "https://api.openai.com/v1"
+        timeout = float(params.get("timeout", DEFAULT_TIMEOUT))
+        if timeout <= 0:
+            raise reader.fail(f"{where}.litellm_params.timeout", "must be positive")
+        deployment_id = info.get("id") or _derived_id(name, target, api_base)
+        out.append(
+            Deployment(
+                model_name=name.strip(),
+                provider=provider,
+                upstream_model=upstream_model,
+                api_base=api_base.rstrip("/") if api_base else None,
+                api_key=params.get("api_key"),
+                timeout=timeout,
+                id=deployment_id,
+            )
+        )
+    return tuple(out)
+
+
+def _derived_id(name: str, target: str, api_base: str | None) -> str:
+    # Stable across restarts so that logs and headers can be compared.
+    digest = hashlib.sha256(f"{name}\0{target}\0{api_base}".encode()).hexdigest()
+    return digest[:12]
+
+
+def _database_path(reader: _Reader, url: str) -> Path:
+    # SQLAlchemy's convention, as LiteLLM users know it: three slashes
+    # then a relative path, four slashes for an absolute one.
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise reader.fail(
+            "general_settings.database_url",
+            "must be sqlite:///path.db (only SQLite is supported in this version)",
+        )
+    path = Path(url[len(prefix):])
+    if not path.is_absolute():
+        path = reader.path.resolve().parent / path
+    return path

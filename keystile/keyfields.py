@@ -1,0 +1,127 @@
+"""Validation of the fields that describe a key, shared by API and CLI.
+
+Field names are LiteLLM's ``/key/generate`` names.  Every problem is a 400
+that names the field, so an operator knows what to fix.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from keystore.records import ACCOUNT_TYPES
+
+from .errors import BadRequest
+
+__all__ = ["GENERATE_FIELDS", "UPDATE_FIELDS", "parse_duration", "validate_fields",
+           "DURATION_UNITS"]
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d{1,9})([smhd])")
+
+GENERATE_FIELDS = frozenset({
+    "key", "key_alias", "user_id", "team_id", "models", "aliases", "metadata",
+    "account_type", "duration", "enforced_params", "blocked", "rpm_limit",
+    "tpm_limit", "max_parallel_requests", "max_budget", "budget_duration",
+})
+UPDATE_FIELDS = GENERATE_FIELDS  # "key" names the key to change in an update
+
+
+def parse_duration(value: Any, field: str) -> int:
+    """Seconds in a duration such as "30s", "15m", "12h" or "30d"."""
+    match = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None or int(match.group(1)) == 0:
+        raise BadRequest(
+            f"{field} must be a duration such as \"30s\", \"15m\", \"12h\" or \"30d\"",
+            param=field,
+        )
+    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def _string(body: dict[str, Any], field: str) -> str | None:
+    value = body[field]
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest(f"{field} must be a non-empty string or null", param=field)
+    return value.strip()
+
+
+def _names(body: dict[str, Any], field: str) -> tuple[str, ...]:
+    value = body[field]
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(
+        isinstance(item, str) and item.strip() for item in value
+    ):
+        raise BadRequest(f"{field} must be a list of non-empty strings", param=field)
+    return tuple(dict.fromkeys(item.strip() for item in value))
+
+
+def _count(body: dict[str, Any], field: str) -> int | None:
+    value = body[field]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"{field} must be a whole number, 0 or more, or null",
+                         param=field)
+    return value
+
+
+def _amount(body: dict[str, Any], field: str) -> float | None:
+    value = body[field]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise BadRequest(f"{field} must be a number, 0 or more, or null", param=field)
+    return float(value)
+
+
+def validate_fields(body: Any, allowed: frozenset[str]) -> dict[str, Any]:
+    """Checked and normalised fields; ``duration`` stays as seconds or None."""
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BadRequest(f"Unknown field(s): {', '.join(unknown)}", param=unknown[0])
+
+    out: dict[str, Any] = {}
+    for field in body:
+        if field in ("key_alias", "user_id", "team_id"):
+            out[field] = _string(body, field)
+        elif field in ("models", "enforced_params"):
+            out[field] = _names(body, field)
+        elif field in ("rpm_limit", "tpm_limit", "max_parallel_requests"):
+            out[field] = _count(body, field)
+        elif field == "max_budget":
+            out[field] = _amount(body, field)
+        elif field == "blocked":
+            if not isinstance(body[field], bool):
+                raise BadRequest("blocked must be true or false", param=field)
+            out[field] = body[field]
+        elif field == "metadata":
+            if body[field] is not None and not isinstance(body[field], dict):
+                raise BadRequest("metadata must be a JSON object", param=field)
+            out[field] = body[field] or {}
+        elif field == "aliases":
+            aliases = body[field] or {}
+            if not isinstance(aliases, dict) or not all(
+                isinstance(v, str) and v.strip() and k.strip() for k, v in aliases.items()
+            ):
+                raise BadRequest(
+                    "aliases must map public model names to model names", param=field
+                )
+            out[field] = {k.strip(): v.strip() for k, v in aliases.items()}
+        elif field == "account_type":
+            if body[field] not in ACCOUNT_TYPES:
+                raise BadRequest(
+                    "account_type must be \"user\" or \"service_account\"", param=field
+                )
+            out[field] = body[field]
+        elif field in ("duration", "budget_duration"):
+            out[field] = None if body[field] is None else parse_duration(body[field], field)
+            if field == "budget_duration" and body[field] is not None:
+                out[field] = body[field].strip()
+        elif field == "key":
+            out[field] = body[field]
+    return out

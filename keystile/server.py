@@ -1,0 +1,89 @@
+"""Running the application: the listening socket, the access log, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from .app import create_app
+from .config import Config
+from .state import CONTEXT
+
+__all__ = ["AccessLogger", "start", "serve"]
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("keystile.access")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: never a key, a query string or a header value."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        ctx = request.get(CONTEXT)
+        caller, group, deployment = "-", "-", "-"
+        if ctx is not None:
+            if ctx.is_master:
+                caller = "master"
+            elif ctx.key is not None:
+                caller = ctx.key.key_alias or ctx.key.key_name
+            group = ctx.model_group or "-"
+            deployment = ctx.deployment.id if ctx.deployment is not None else "-"
+        # The path only: a query string may carry a key (/key/info?key=).
+        self.logger.info(
+            "%s %s %s %d %.1fms key=%s model=%s deployment=%s",
+            request.remote, request.method, request.path, response.status,
+            time * 1000, caller, group, deployment,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+async def start(
+    config: Config, host: str, port: int, *, reload_interval: float = 1.0
+) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner and the port actually bound."""
+    app = create_app(config, reload_interval=reload_interval)
+    runner = web.AppRunner(
+        app,
+        # A client that hangs up cancels its request, and so the upstream
+        # call made for it.
+        handler_cancellation=True,
+        access_log_class=AccessLogger,
+        access_log=access_logger,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, backlog=1024)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = port
+    for address in runner.addresses:
+        bound = address[1]
+        break
+    return runner, bound
+
+
+async def serve(config: Config, host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down cleanly."""
+    runner, bound = await start(config, host, port)
+    logger.info(
+        "Keystile listening on http://%s:%d models=%s database=%s",
+        host, bound, ",".join(config.model_names) or "(none)", config.database_path,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        await runner.cleanup()

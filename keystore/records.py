@@ -1,0 +1,128 @@
+"""Key records as the rest of the proxy sees them, and the key format.
+
+Nothing here touches storage: a backend turns its rows into ``KeyRecord``
+objects, and the policies and admin routes work only with those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+__all__ = [
+    "KeyRecord",
+    "ACCOUNT_TYPES",
+    "new_key",
+    "hash_key",
+    "display_name",
+    "looks_like_hash",
+    "to_iso",
+    "from_iso",
+    "replace",
+]
+
+ACCOUNT_TYPES = ("user", "service_account")
+_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def new_key() -> str:
+    # 32 random bytes: twice the 128 bits a bearer secret needs.
+    return "sk-" + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    """The stored form of a key: SHA-256 hex of the whole string.
+
+    This is the scheme LiteLLM's proxy uses, so its key rows can be
+    imported without asking every client for a new key.
+    """
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def display_name(key: str) -> str:
+    return "sk-..." + key[-4:]
+
+
+def looks_like_hash(value: str) -> bool:
+    return _HASH.fullmatch(value) is not None
+
+
+def to_iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def from_iso(text: str | None) -> float | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """One virtual key, without its secret."""
+
+    token: str
+    key_name: str
+    created_at: float
+    updated_at: float
+    key_alias: str | None = None
+    account_type: str = "user"
+    user_id: str | None = None
+    team_id: str | None = None
+    models: tuple[str, ...] = ()
+    aliases: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    enforced_params: tuple[str, ...] = ()
+    blocked: bool = False
+    expires_at: float | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    max_budget: float | None = None
+    budget_duration: str | None = None
+    budget_reset_at: float | None = None
+    spend: float = 0.0
+    grace_token: str | None = None
+    grace_until: float | None = None
+
+    @property
+    def is_service_account(self) -> bool:
+        return self.account_type == "service_account"
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.expires_at is not None and (now or time.time()) >= self.expires_at
+
+    def public(self) -> dict[str, Any]:
+        """The key as the admin API shows it: never a secret, only the digest."""
+        return {
+            "token": self.token,
+            "key_name": self.key_name,
+            "key_alias": self.key_alias,
+            "account_type": self.account_type,
+            "user_id": self.user_id,
+            "team_id": self.team_id,
+            "models": list(self.models),
+            "aliases": self.aliases,
+            "metadata": self.metadata,
+            "enforced_params": list(self.enforced_params),
+            "blocked": self.blocked,
+            "expires": to_iso(self.expires_at),
+            "created_at": to_iso(self.created_at),
+            "updated_at": to_iso(self.updated_at),
+            "rpm_limit": self.rpm_limit,
+            "tpm_limit": self.tpm_limit,
+            "max_parallel_requests": self.max_parallel_requests,
+            "max_budget": self.max_budget,
+            "budget_duration": self.budget_duration,
+            "budget_reset_at": to_iso(self.budget_reset_at),
+            "spend": self.spend,
+            "grace_until": to_iso(self.grace_until),
+        }
