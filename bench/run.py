@@ -433,6 +433,8 @@ general_settings:
     base = f"http://127.0.0.1:{port}"
     wait_ready(base + "/health/readiness", p, ctx.args.startup_timeout)
     log(f"Keystile ready at {base} (pid {p.pid}, log {p.log})")
+    ctx.notes.append("Keystile runs with its default log level; its log (access lines included) goes to a "
+                     "file in the temp dir, and that cost is part of the Keystile figures.")
 
     keys: dict[str, str] = {}
     wanted = [("bench-user", {"key_alias": "bench-user"}),
@@ -458,7 +460,41 @@ general_settings:
         else:
             ctx.problems.append(f"keystile: POST /key/generate for {alias} gave no key\n"
                                 + describe("POST", url, body, "Bearer " + master, status, headers, resp))
+    if "bench-limited" in keys:
+        probe_limits(ctx, base, master)
     return Keystile(p, base, master, keys)
+
+
+def probe_limits(ctx: Context, base: str, master: str) -> None:
+    """Say whether limits are enforced or only stored: a key with rpm_limit 1 gets two requests."""
+    status, _, resp = http("POST", base + "/key/generate", {"key_alias": "bench-rpm-probe", "rpm_limit": 1},
+                           "Bearer " + master)
+    key = orjson.loads(resp).get("key") if status == 200 else None
+    if not key:
+        return
+    codes = [http("POST", base + CHAT_PATH, request_body(False), "Bearer " + key, timeout=30.0)[0]
+             for _ in range(2)]
+    verdict = "enforced" if codes[1] == 429 else "NOT enforced"
+    ctx.notes.append(f"limit probe: key with rpm_limit 1 answered {codes[0]} then {codes[1]} "
+                     f"within a minute: rpm_limit {verdict}.")
+    log(f"  {ctx.notes[-1]}")
+
+
+def scan_log(ctx: Context, proc: Proc) -> None:
+    """Report ERROR lines and tracebacks in the proxy's log: they cost time and hint at bugs."""
+    try:
+        lines = proc.log.read_text(errors="replace").splitlines()
+    except OSError:
+        return
+    errors = [i for i, ln in enumerate(lines) if " ERROR " in ln or " CRITICAL " in ln]
+    if not errors:
+        return
+    first = errors[0]
+    end = next((j for j in range(first + 1, min(len(lines), first + 60))
+                if lines[j][:4].isdigit()), min(len(lines), first + 60))  # up to the next log record
+    ctx.problems.append(f"{proc.name} log: {len(errors)} ERROR lines "
+                        f"({sum('Traceback' in ln for ln in lines)} tracebacks) during the run; the first:\n"
+                        + "\n".join(lines[first:end]))
 
 
 def keystile_checks(ctx: Context, ks: Keystile) -> list[Target]:
@@ -620,6 +656,7 @@ def benchmark(ctx: Context, procs: list[Proc], pin_note: str) -> str:
             if not ks.proc.alive():
                 ctx.problems.append(f"keystile exited during the benchmark (code {ks.proc.popen.returncode})"
                                     f"\n{ks.proc.log_tail()}")
+            scan_log(ctx, ks.proc)
     return render(ctx, results, machine_lines(ctx, pin_note))
 
 
@@ -654,6 +691,7 @@ def soak(ctx: Context, procs: list[Proc], pin_note: str) -> str:
         if not ks.proc.alive():
             ctx.problems.append(f"keystile exited during the soak:\n{ks.proc.log_tail()}")
             break
+    scan_log(ctx, ks.proc)
     rows = ["| t (s) | requests | RSS MiB | peak RSS MiB | errors |", "|--:|--:|--:|--:|--:|"]
     rows += [f"| {t:.0f} | {n} | {rss:.1f} | {hwm:.1f} | {e} |" for t, n, rss, hwm, e in samples]
     out = ["# Keystile soak", "", *machine_lines(ctx, pin_note)[:3],
@@ -732,6 +770,7 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     print(report, end="")
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report)
         log(f"report written to {args.out}")
 

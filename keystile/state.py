@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from keystore import Keystore
-from policies import Policy
+from policies import Context, Policy
 from policies.auth import Authenticate
 
 from .config import Config
@@ -23,4 +23,4 @@ AUTH = web.AppKey("auth", Authenticate)
 CHAIN = web.AppKey("chain", list[Policy])
 RELAY = web.AppKey("relay", Relay)
 # Per-request: the chain's context, for the access log.
-CONTEXT = "keystile.context"
+CONTEXT = web.RequestKey("context", Context)
