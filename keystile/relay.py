@@ -20,6 +20,7 @@ from policies import Context
 from .config import Deployment
 from .errors import ProxyError, UpstreamFailed, UpstreamTimedOut, error_body
 from .mock import mock_response
+from .sse import EventSplitter
 
 __all__ = ["Relay"]
 
@@ -172,10 +173,17 @@ async def _relay_stream(
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, headers=_STREAM_HEADERS)
     await response.prepare(request)
+    splitter = EventSplitter()
     try:
-        # iter_any hands over whatever arrived, as soon as it arrived.
+        # iter_any hands over whatever arrived, as soon as it arrived; every
+        # event it completes goes out in the same write.
         async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
+            events = splitter.feed(chunk)
+            if events:
+                await response.write(b"".join(events))
+        rest = splitter.rest()
+        if rest:
+            await response.write(rest)
     except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
         # Headers are gone: the only honest thing left is one last event
         # that says the stream broke, then closing without [DONE].
