@@ -8,6 +8,7 @@ errors; it turns them into the proxy's upstream errors.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from typing import Any
 
@@ -45,6 +46,7 @@ _STREAM_HEADERS = {
 }
 # Upstream error bodies are read whole to pass them on; a sane one is tiny.
 _MAX_ERROR_BODY = 1 << 20
+_LARGE_BODY = 1 << 20
 
 
 class Relay:
@@ -73,10 +75,15 @@ class Relay:
             # Nothing to rewrite: the client's bytes go on untouched.
             payload = ctx.raw_body
         timeout = aiohttp.ClientTimeout(total=deployment.timeout)
+        data: bytes | io.BytesIO = payload
+        if len(payload) > _LARGE_BODY:
+            # aiohttp writes a file-like body in pieces instead of holding
+            # the event loop for one large write.
+            data = io.BytesIO(payload)
 
         try:
             upstream = await self.session.post(
-                url, data=payload, headers=headers, timeout=timeout
+                url, data=data, headers=headers, timeout=timeout
             )
         except asyncio.TimeoutError as exc:
             raise UpstreamTimedOut(

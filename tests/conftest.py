@@ -3,6 +3,7 @@ upstream over real HTTP, and a fresh SQLite file per test."""
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -53,7 +54,8 @@ class Proxy:
         if json is not None:
             data = orjson.dumps(json)
             headers.setdefault("Content-Type", "application/json")
-        async with self.session.request(method, self.url + path, data=data,
+        payload = io.BytesIO(data) if data and len(data) > 1 << 20 else data
+        async with self.session.request(method, self.url + path, data=payload,
                                         headers=headers) as response:
             raw = await response.read()
             try:
