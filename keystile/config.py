@@ -122,7 +122,7 @@ class _Reader:
             if not isinstance(item, types) or (
                 isinstance(item, bool) and bool not in types
             ):
-                expected = " or ".join(_TYPE_NAMES[t] for t in types)
+                expected = " or ".join(dict.fromkeys(_TYPE_NAMES[t] for t in types))
                 raise self.fail(key, f"must be {expected}, got {_kind(item)}")
             out[name] = item
         return out
