@@ -226,9 +226,13 @@ def check_chat(ctx: Context, target: Target, stream: bool, label: str, expect_ok
             ok = False
     elif ok:
         events = [ln[6:] for ln in resp.decode(errors="replace").split("\n") if ln.startswith("data: ")]
-        chunks = [e for e in events if e != "[DONE]" and orjson.loads(e).get("choices")]
-        ok = bool(events) and events[-1] == "[DONE]" and len(chunks) == STREAM_CHUNKS
-        if ok and not any("usage" in orjson.loads(e) and orjson.loads(e)["usage"] for e in events[:-1]):
+        try:
+            parsed = [orjson.loads(e) for e in events if e != "[DONE]"]
+        except orjson.JSONDecodeError:
+            parsed, ok = [], False
+        chunks = [e for e in parsed if isinstance(e, dict) and e.get("choices")]
+        ok = ok and bool(events) and events[-1] == "[DONE]" and len(chunks) == STREAM_CHUNKS
+        if ok and not any(isinstance(e, dict) and e.get("usage") for e in parsed):
             ctx.problems.append(f"{target.name}: stream with stream_options.include_usage has no usage chunk\n"
                                 + describe("POST", url, body, target.auth, status, headers, resp))
     if ok != expect_ok:
@@ -364,7 +368,7 @@ def run_case(ctx: Context, target: Target, wl: Workload) -> CaseResult:
     res.errors = r["non2xx"] + r["socket_errors"]
     if res.errors:
         res.error_detail = f"{r['non2xx']} non-2xx, {r['socket_errors']} socket"
-    if r["requests"] < n:
+    if r["requests"] + r["socket_errors"] < n:
         res.note += f"time-capped: {r['requests']} of {n} requests"
     if wl.stream:
         # wrk has no time-to-first-byte: measure it with a small separate aiohttp client.
@@ -644,7 +648,11 @@ def benchmark(ctx: Context, procs: list[Proc], pin_note: str) -> str:
 
     def run_all(target: Target) -> None:
         for wl in workloads:
-            results.append(run_case(ctx, target, wl))
+            try:
+                results.append(run_case(ctx, target, wl))
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # one broken case must not hide the rest
+                ctx.problems.append(f"{target.name} {wl.name}: load run failed: {e}")
+                log(f"  {target.name:17} {wl.name:9} FAILED: {e}")
 
     if "direct" in targets:
         direct = Target("direct", upstream, "", None)
@@ -687,7 +695,9 @@ def soak(ctx: Context, procs: list[Proc], pin_note: str) -> str:
         run_wrk(ctx, sa, wl, args.warmup, case_seconds(ctx, args.warmup))
     else:
         run_loadgen(ctx, sa, wl, args.warmup, 0, case_seconds(ctx, args.warmup))
-    samples: list[tuple[float, int, float, float, int]] = []  # (elapsed s, requests, rss, hwm, errors)
+    hwm, rss = memory_mib(ks.proc.pid)
+    samples: list[tuple[float, int, float, float, int]] = [(0.0, 0, rss, hwm, 0)]  # (s, requests, RSS, peak, errors)
+    log(f"  t=     0s  after warm-up: RSS {rss:.1f} MiB  peak {hwm:.1f} MiB")
     total = errors = 0
     t0 = time.monotonic()
     # Runs of <= 10 s back to back: RSS is sampled between them (every ~10 s).
@@ -725,7 +735,7 @@ def soak(ctx: Context, procs: list[Proc], pin_note: str) -> str:
                        "first-minute vs end comparison (needs > 70 s).")
         out.append(f"**RSS after 100,000 requests:** {at_100k[2]:.1f} MiB (sampled at {at_100k[1]} requests)."
                    if at_100k else f"Fewer than 100,000 requests in the soak ({end[1]}).")
-        out.append(f"Total: {end[1]} requests, {end[4]} errors, {end[1] / end[0]:.0f} req/s on average.")
+        out.append(f"Total: {end[1]} requests, {end[4]} errors, {end[1] / max(end[0], 1e-9):.0f} req/s on average.")
     if ctx.problems:
         out += ["", "## Problems seen", ""]
         for p in ctx.problems:

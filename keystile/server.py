@@ -73,15 +73,17 @@ async def start(
 
 async def serve(config: Config, host: str, port: int) -> None:
     """Serve until SIGINT or SIGTERM, then shut down cleanly."""
+    # Handlers first: a signal that arrives while starting up still means
+    # a clean stop, not a kill.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     runner, bound = await start(config, host, port)
     logger.info(
         "Keystile listening on http://%s:%d models=%s database=%s",
         host, bound, ",".join(config.model_names) or "(none)", config.database_path,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
         logger.info("shutting down")
