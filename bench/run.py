@@ -141,7 +141,7 @@ class Proc:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def pin_prefixes() -> tuple[list[str], list[str], str]:
@@ -295,7 +295,8 @@ def memory_mib(pid: int) -> tuple[float, float]:
 def parse_tagged(output: str, tag: str) -> dict[str, Any]:
     for line in output.splitlines():
         if line.startswith(tag + " "):
-            return orjson.loads(line[len(tag) + 1:])
+            result: dict[str, Any] = orjson.loads(line[len(tag) + 1:])
+            return result
     raise RuntimeError(f"no {tag} line in load generator output:\n{output[-2000:]}")
 
 
@@ -412,7 +413,7 @@ def start_passthrough(ctx: Context, procs: list[Proc], upstream: str) -> tuple[T
             break
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"passthrough not listening after 30s:\n{p.log_tail()}")
+                raise RuntimeError(f"passthrough not listening after 30s:\n{p.log_tail()}") from None
             time.sleep(0.1)
     return Target("passthrough", base, "", p.pid), p
 
