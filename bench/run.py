@@ -73,6 +73,7 @@ class CaseResult:
     ttfb_p50_ms: float | None = None
     cpu_ms_per_req: float | None = None
     busy_pct: float | None = None
+    other_pct: float | None = None  # CPU used by processes outside the benchmark, % of one core
     hwm_mib: float | None = None
     rss_mib: float | None = None
     note: str = ""
@@ -85,6 +86,7 @@ class Context:
     proxy_core: list[str]  # taskset prefix for the process under test
     client_core: list[str]  # taskset prefix for upstream and load generator
     use_wrk: bool
+    upstream_pid: int | None = None
     load_at_start: float = field(default_factory=lambda: os.getloadavg()[0])  # 1-min load average
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -292,6 +294,44 @@ def memory_mib(pid: int) -> tuple[float, float]:
     return hwm / 1024, rss / 1024
 
 
+def system_busy_seconds() -> float:
+    """Busy CPU time of the whole machine (all cores) from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds(ctx: Context, target: Target) -> float:
+    """CPU of everything the benchmark runs: this script, reaped load generators, upstream, process under test."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for pid in {ctx.upstream_pid, target.pid}:
+        if pid:
+            total += cpu_seconds(pid)
+    return total
+
+
+def other_load_pct(ctx: Context, target: Target, seconds: float) -> float:
+    """CPU used by processes outside the benchmark over the next `seconds`, in % of one core."""
+    sys0, own0, wall0 = system_busy_seconds(), own_cpu_seconds(ctx, target), time.monotonic()
+    time.sleep(seconds)
+    other = (system_busy_seconds() - sys0) - (own_cpu_seconds(ctx, target) - own0)
+    return max(0.0, 100 * other / (time.monotonic() - wall0))
+
+
+def wait_for_quiet(ctx: Context, target: Target) -> None:
+    """Wait (at most --wait-idle s) until other processes leave the machine nearly idle."""
+    deadline = time.monotonic() + ctx.args.wait_idle
+    waited = False
+    while time.monotonic() < deadline:
+        pct = other_load_pct(ctx, target, 0.5)
+        if pct < 10:
+            return
+        if not waited:
+            log(f"  waiting up to {ctx.args.wait_idle:.0f}s for other load ({pct:.0f}% of a core) to settle")
+            waited = True
+
+
 def parse_tagged(output: str, tag: str) -> dict[str, Any]:
     for line in output.splitlines():
         if line.startswith(tag + " "):
@@ -348,16 +388,23 @@ def run_case(ctx: Context, target: Target, wl: Workload) -> CaseResult:
         run_loadgen(ctx, target, wl, args.warmup, 0, case_seconds(ctx, args.warmup))
     runs: list[tuple[dict[str, Any], float]] = []  # (load generator result, CPU seconds under test)
     for _ in range(args.repeat):
+        wait_for_quiet(ctx, target)
         cpu0 = cpu_seconds(target.pid) if target.pid else 0.0
+        # Other work on the machine (a test suite, an editor) skews a 2-core benchmark: measure it
+        # as machine-wide busy time minus the benchmark's own processes.
+        sys0, own0, wall0 = system_busy_seconds(), own_cpu_seconds(ctx, target), time.monotonic()
         if ctx.use_wrk:
             r = run_wrk(ctx, target, wl, n, case_seconds(ctx, n))
         else:
             r = run_loadgen(ctx, target, wl, n, 0, case_seconds(ctx, n))
+        other = (system_busy_seconds() - sys0) - (own_cpu_seconds(ctx, target) - own0)
+        r["other_pct"] = max(0.0, 100 * other / max(1e-9, time.monotonic() - wall0))
         runs.append((r, cpu_seconds(target.pid) - cpu0 if target.pid else 0.0))
     # With --repeat > 1 report the run with the median req/s: other load on a small machine
-    # (tests, editors) shows up as single slow runs, and the median keeps them out.
+    # shows up as single slow runs, and the median keeps them out.
     runs.sort(key=lambda rc: rc[0]["rps"])
     r, cpu = runs[len(runs) // 2]
+    res.other_pct = r["other_pct"]
     if len(runs) > 1:
         res.note = "req/s of the runs: " + ", ".join(f"{x['rps']:.0f}" for x, _ in runs) + "; "
     if target.pid:
@@ -382,7 +429,8 @@ def run_case(ctx: Context, target: Target, wl: Workload) -> CaseResult:
         f"  p99 {res.p99_ms:6.2f} ms  errors {res.errors}"
         + (f"  TTFB {res.ttfb_p50_ms:.2f} ms" if res.ttfb_p50_ms is not None else "")
         + (f"  CPU {res.cpu_ms_per_req:.3f} ms/req ({res.busy_pct:.0f}% busy)" if res.cpu_ms_per_req is not None
-           and res.busy_pct is not None else ""))
+           and res.busy_pct is not None else "")
+        + (f"  other load {res.other_pct:.0f}%" if res.other_pct is not None else ""))
     return res
 
 
@@ -395,6 +443,7 @@ def start_upstream(ctx: Context, procs: list[Proc]) -> str:
     procs.append(p)
     base = f"http://127.0.0.1:{port}"
     wait_ready(base + "/v1/models", p, 30)
+    ctx.upstream_pid = p.pid
     return base
 
 
@@ -564,7 +613,10 @@ def machine_lines(ctx: Context, pin_note: str) -> list[str]:
             f"- Per case: {ctx.args.requests} requests after {ctx.args.warmup} warm-up requests"
             + (f", median-req/s run of {ctx.args.repeat}" if ctx.args.repeat > 1 else "") + "; streaming = "
             f"{STREAM_CHUNKS} SSE chunks + usage chunk; TTFB = p50 time to first body byte over "
-            f"{ctx.args.ttfb_requests} streaming requests at 16 connections (bench/loadgen.py)"]
+            f"{ctx.args.ttfb_requests} streaming requests at 16 connections (bench/loadgen.py)",
+            "- Columns: *added* = minus `direct` at the same concurrency; *CPU busy %* = share of one core the "
+            "process under test used during the run (~100% = it was the bottleneck); *other load %* = CPU used "
+            "by processes outside the benchmark during the run, in % of one core (much above 5% = disturbed)"]
 
 
 def fmt(v: float | None, digits: int = 2) -> str:
@@ -574,8 +626,8 @@ def fmt(v: float | None, digits: int = 2) -> str:
 def render(ctx: Context, results: list[CaseResult], header: list[str]) -> str:
     direct = {r.workload: r for r in results if r.target == "direct"}
     rows = ["| case | workload | conc | requests | errors | req/s | p50 ms | p99 ms | p50 added ms "
-            "| TTFB p50 ms | TTFB added ms | CPU ms/req | CPU busy % | peak RSS MiB | RSS MiB |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+            "| TTFB p50 ms | TTFB added ms | CPU ms/req | CPU busy % | peak RSS MiB | RSS MiB | other load % |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in results:
         base = direct.get(r.workload)
         added = r.p50_ms - base.p50_ms if base and r.target != "direct" else None
@@ -585,9 +637,13 @@ def render(ctx: Context, results: list[CaseResult], header: list[str]) -> str:
         rows.append(f"| {r.target} | {'stream' if r.workload.stream else 'chat'} | {r.workload.concurrency} "
                     f"| {r.requests} | {errors} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {fmt(added)} "
                     f"| {fmt(r.ttfb_p50_ms)} | {fmt(ttfb_added)} | {fmt(r.cpu_ms_per_req, 3)} | {fmt(r.busy_pct, 0)} "
-                    f"| {fmt(r.hwm_mib, 1)} | {fmt(r.rss_mib, 1)} |")
+                    f"| {fmt(r.hwm_mib, 1)} | {fmt(r.rss_mib, 1)} | {fmt(r.other_pct, 0)} |")
     out = ["# Keystile benchmark", "", *header, "", *rows, ""]
     out += summary_lines(results)
+    disturbed = [f"{r.target} {r.workload.name}" for r in results if (r.other_pct or 0) > 10]
+    if disturbed:
+        out.append(f"- Warning: other processes used more than 10% of a core during: {', '.join(disturbed)}; "
+                   "rerun on an idle machine (or with --repeat 3) before comparing these rows.")
     for r in results:
         if r.note:
             out.append(f"- Note {r.target} {r.workload.name}: {r.note.strip().rstrip(';')}")
@@ -757,6 +813,9 @@ def main() -> None:
     ap.add_argument("--soak", type=int, metavar="SECONDS", help="soak mode: constant load at 16 connections")
     ap.add_argument("--max-case-seconds", type=int, default=600, help="time ceiling of one load run")
     ap.add_argument("--startup-timeout", type=float, default=60.0, help="seconds to wait for Keystile readiness")
+    ap.add_argument("--wait-idle", type=float, default=20.0, metavar="SECONDS",
+                    help="before each measured run, wait up to this long for other load to drop under 10%% "
+                         "of a core (0 = do not wait)")
     ap.add_argument("--no-wrk", action="store_true", help="use bench/loadgen.py even if wrk is installed")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs, db)")
     args = ap.parse_args()

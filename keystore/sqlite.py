@@ -163,7 +163,7 @@ class SqliteKeystore:
         async with self._db.execute(f"SELECT COUNT(*) FROM keys{condition}", args) as cur:
             total = (await cur.fetchone() or (0,))[0]
         async with self._db.execute(
-            f"{_SELECT}{condition} ORDER BY created_at, token LIMIT ? OFFSET ?",
+            f"{_SELECT}{condition} ORDER BY created_at, rowid LIMIT ? OFFSET ?",
             [*args, limit, offset],
         ) as cursor:
             rows = await cursor.fetchall()
