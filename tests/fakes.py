@@ -38,6 +38,8 @@ class Script:
     chunk_delay: float = 0.0
     break_after: int | None = None  # drop the connection after this many chunks
     stall: asyncio.Event | None = None  # wait for this before answering
+    hold_after: int | None = None  # after this many chunks, wait for `release`
+    release: asyncio.Event | None = None
 
 
 def completion(model: str, content: str = "Hello there, how may I assist you today?",
@@ -93,6 +95,8 @@ class FakeUpstream:
         self.url = ""
         self._runner: web.AppRunner | None = None
         self.request_seen = asyncio.Event()
+        # Set when a client of ours hung up in the middle of a stream.
+        self.disconnected = asyncio.Event()
 
     async def start(self) -> FakeUpstream:
         app = web.Application(client_max_size=256 * 1024 * 1024)
@@ -134,6 +138,9 @@ class FakeUpstream:
                     request.transport.close()
                     return response
                 await response.write(chunk)
+                if script.hold_after is not None and i + 1 == script.hold_after:
+                    if not await self._hold(request, script):
+                        return response
                 if script.chunk_delay:
                     await asyncio.sleep(script.chunk_delay)
             await response.write_eof()
@@ -143,3 +150,17 @@ class FakeUpstream:
             payload = orjson.dumps(completion(parsed.get("model", "?")))
         return web.Response(status=script.status, body=payload,
                             content_type=script.content_type, headers=script.headers)
+
+    async def _hold(self, request: web.Request, script: Script) -> bool:
+        """Wait for the test's release; False if the client hung up first."""
+        assert script.release is not None
+        while not script.release.is_set():
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                self.disconnected.set()
+                return False
+            try:
+                await asyncio.wait_for(script.release.wait(), 0.02)
+            except asyncio.TimeoutError:
+                pass
+        return True
