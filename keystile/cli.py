@@ -16,7 +16,6 @@ from typing import Any
 import orjson
 
 from keystore import KeyFilter, KeyRecord, KeystoreError, open_keystore
-
 from policies import build_chain
 
 from . import explain

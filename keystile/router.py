@@ -10,7 +10,7 @@ from keystore import KeyRecord
 
 from .config import Deployment
 
-__all__ = ["Router", "RouteOutlook"]
+__all__ = ["RouteOutlook", "Router"]
 
 
 @dataclass(frozen=True, slots=True)
