@@ -255,7 +255,8 @@ def _show_explanation(answer: dict[str, Any]) -> None:
          f"{error['status']} {orjson.dumps(error['body']).decode()}"),
         ("model_group", answer["model_group"] or "-"),
         ("deployment", "-" if deployment is None else
-         f"{deployment['id']}  {deployment['api_base'] or '(built-in mock)'}"),
+         f"{deployment['id']}  {deployment['provider']}/{deployment['model']}  "
+         f"{deployment['api_base'] or '(built in)'}"),
         ("fallbacks", ", ".join(answer["fallbacks"]) or "-"),
         ("cooling_down", ", ".join(answer["cooling_down"]) or "-"),
     ]

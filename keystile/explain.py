@@ -131,6 +131,7 @@ async def explain(
         # Never the deployment's api_key: an explanation may go to a key holder.
         "deployment": None if deployment is None else {
             "id": deployment.id,
+            "provider": deployment.provider,
             "api_base": deployment.api_base,
             "model": deployment.upstream_model,
         },

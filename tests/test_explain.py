@@ -186,6 +186,7 @@ async def test_an_allowed_request_shows_where_it_would_go_and_calls_nothing(
     assert answer["model_group"] == "gpt-3.5-turbo"
     assert answer["deployment"] == {
         "id": "fake-upstream-1",
+        "provider": "openai",
         "api_base": f"{upstream.url}/v1",
         "model": "gpt-3.5-turbo-0125",
     }

@@ -97,6 +97,7 @@ async def test_json_shows_where_an_allowed_request_would_go(
     assert answer["model_group"] == "gpt-3.5-turbo"
     assert answer["deployment"] == {
         "id": "fake-upstream-1",
+        "provider": "openai",
         "api_base": f"{upstream.url}/v1",
         "model": "gpt-3.5-turbo-0125",
     }
