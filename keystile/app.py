@@ -13,9 +13,10 @@ from aiohttp import web
 from keystore import open_keystore
 from policies import Context, Policy, build_chain
 
-from . import admin
+from . import admin, explain
 from .config import Config
 from .errors import BadRequest, NotFound, ProxyError, error_body, error_response
+from .errors import Forbidden
 from .errors import internal_error_response
 from .keys import KeyService
 from .relay import Relay
@@ -110,6 +111,26 @@ async def list_models(request: web.Request) -> web.Response:
                         content_type="application/json")
 
 
+async def explain_route(request: web.Request) -> web.Response:
+    """A dry run of the chain for the request in the body; never forwards it."""
+    app = request.app
+    endpoint, ref, body = explain.split_body(parse_body(await request.read()))
+    subject = explain.Subject(request.headers)
+    if ref is not None:
+        # Only the master key may ask about someone else's key.
+        caller = Context("explain", request.headers)
+        request[CONTEXT] = caller
+        await app[AUTH].check(caller)
+        if not caller.is_master:
+            raise Forbidden("Only the master key may explain another key", param="key")
+        subject = await explain.name_key(app[KEYS], ref, request.headers)
+    ctx = explain.context(endpoint, body, subject)
+    if ref is None:
+        request[CONTEXT] = ctx
+    answer = await explain.explain(app[CHAIN], app[ROUTER], ctx, subject.described)
+    return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+
 async def liveliness(request: web.Request) -> web.Response:
     return web.Response(body=b'"I\'m alive!"', content_type="application/json")
 
@@ -168,6 +189,7 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
         app.router.add_post(f"/v1/{endpoint}", handler)
     for path in ("/models", "/v1/models"):
         app.router.add_get(path, list_models)
+    app.router.add_post("/route/explain", explain_route)
     app.router.add_get("/health/liveliness", liveliness)
     app.router.add_get("/health/readiness", readiness)
     admin.add_routes(app)

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from keystore import KeyRecord
 
 from .config import Deployment
 
-__all__ = ["Router"]
+__all__ = ["RouteOutlook", "Router"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteOutlook:
+    """What an explanation reports about a group besides the chosen deployment."""
+
+    # Model groups a failed request would move on to, in the order tried.
+    fallbacks: tuple[str, ...] = ()
+    # Deployments of the group that are skipped for now.
+    cooling_down: tuple[str, ...] = ()
 
 
 class Router:
@@ -41,3 +52,11 @@ class Router:
         if len(deployments) == 1:
             return deployments[0]
         return random.choice(deployments)
+
+    def explain(self, group: str) -> RouteOutlook:
+        """Fallbacks and cooling-down deployments for an explanation; reads only.
+
+        The router has neither yet, so the outlook is empty; once it keeps
+        them, this is the one place an explanation learns about them.
+        """
+        return RouteOutlook()
