@@ -106,6 +106,13 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
+    creating = args.command == "keys" and args.action == "create"
+    if not creating and not config.database_path.exists():
+        # Only creating a key may start a new file: anything else on a
+        # missing file is a mistyped path, not an empty keystore.
+        print(f"error: no database at {config.database_path} (check --db or "
+              "general_settings.database_url)", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(_run(args, config))
     except NotFound as exc:

@@ -138,3 +138,19 @@ async def test_tables_are_readable(live: Proxy) -> None:
                               "expires", "token"]
     assert row.split()[:5] == ["table-me", row.split()[1], "user", "mock-model", "False"]
     assert footer == "1 of 1 key(s)"
+
+
+async def test_a_mistyped_database_path_is_reported_not_created(live: Proxy, tmp_path: Path) -> None:
+    missing = tmp_path / "typo.db"
+    env = dict(os.environ, KEYSTILE_MASTER_KEY=live.master_key)
+
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(ROOT / "proxy.py"), "keys", "list", "--config",
+         str(live.config_path), "--db", str(missing)],
+        capture_output=True, text=True, timeout=30, env=env, cwd=ROOT,
+    )
+
+    assert result.returncode == 2
+    assert f"no database at {missing}" in result.stderr
+    assert not missing.exists()
