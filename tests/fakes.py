@@ -119,6 +119,13 @@ class FakeUpstream:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    async def _sleep(self, seconds: float) -> None:
+        # A delay ends early at stop, so that shutdown never waits for it.
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
     def then(self, *scripts: Script) -> FakeUpstream:
         self.queue.extend(scripts)
         return self
@@ -139,7 +146,7 @@ class FakeUpstream:
         if script.stall is not None:
             await _either(script.stall, self._stopping)
         if script.delay:
-            await asyncio.sleep(script.delay)
+            await self._sleep(script.delay)
         parsed = orjson.loads(body) if body else {}
         chunks = script.chunks
         if chunks is None and parsed.get("stream") is True and script.body is None:
