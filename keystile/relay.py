@@ -152,19 +152,28 @@ class Relay:
         stream = ctx.body.get("stream") is True
         first_byte = deployment.stream_timeout if stream else deployment.timeout
         started = time.monotonic()
-        with _upstream_errors(
-            group, f"did not answer within {first_byte:g} s", "could not be reached"
-        ):
-            # A stream must show its first bytes within stream_timeout, while
-            # it can still be retried elsewhere; the whole call has timeout.
-            async with asyncio.timeout(first_byte if stream else None):
-                upstream = await self.session.post(
-                    deployment.url(ctx.endpoint), data=payload, headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=deployment.timeout),
-                )
-                first = b""
-                if stream and upstream.status < 400 and _is_sse(upstream):
-                    first = await upstream.content.readany()
+        upstream: aiohttp.ClientResponse | None = None
+        try:
+            with _upstream_errors(
+                group, f"did not answer within {first_byte:g} s", "could not be reached"
+            ):
+                # A stream must show its first bytes within stream_timeout,
+                # while it can still be retried elsewhere; the whole call has
+                # timeout.
+                async with asyncio.timeout(first_byte if stream else None):
+                    upstream = await self.session.post(
+                        deployment.url(ctx.endpoint), data=payload, headers=headers,
+                        timeout=aiohttp.ClientTimeout(total=deployment.timeout),
+                    )
+                    first = b""
+                    if stream and upstream.status < 400 and _is_sse(upstream):
+                        first = await upstream.content.readany()
+        except BaseException:
+            # Headers came but the first bytes did not: this connection
+            # is in an unknown state and must not go back to the pool.
+            if upstream is not None:
+                upstream.close()
+            raise
         seconds = time.monotonic() - started
 
         try:

@@ -95,10 +95,11 @@ class Router:
         never leads to another alias.
         """
         if aliases and model in aliases:
-            group = aliases[model]
-            return group if group in self.groups and not group.endswith("*") else None
+            target = aliases[model]
+            return target if target in self.groups and not target.endswith("*") else None
         if model in self.groups:
-            return model
+            # A wildcard's own name is a pattern, not a model to send on.
+            return None if model.endswith("*") else model
         group = self.aliases.get(model)
         if group is not None:
             return group
@@ -264,7 +265,7 @@ class Router:
             return deployment
         # The part of the requested name the * matched goes upstream.
         prefix = deployment.model_name[:-1]
-        star = model[len(prefix):] if model.startswith(prefix) else model
+        star = model.removeprefix(prefix)
         return replace(deployment, upstream_model=deployment.upstream_model[:-1] + star)
 
 

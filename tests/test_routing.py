@@ -216,7 +216,7 @@ async def test_a_wildcard_forwards_the_matched_name(
         deployment("openai/gpt-4o", fake, "exact", model="gpt-4o-exact"),
     ]))
 
-    status, _, headers = await chat(proxy, requested)
+    status, _, _ = await chat(proxy, requested)
 
     assert status == 200
     assert fake.received[0].json["model"] == upstream_model

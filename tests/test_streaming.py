@@ -72,7 +72,7 @@ async def test_a_break_mid_stream_ends_with_one_error_event(
         [deployment("gpt-4o", first, "a"), deployment("gpt-4o", second, "b")],
     ))
 
-    status, raw, headers = await raw_stream(proxy, "gpt-4o")
+    status, raw, _ = await raw_stream(proxy, "gpt-4o")
 
     assert status == 200
     assert raw.startswith(chunks[0] + chunks[1])
