@@ -243,9 +243,9 @@ class Relay:
             if last is not None:
                 break
             try:
-                chunk = await _read(upstream, group, -1)
-            except (UpstreamFailed, UpstreamTimedOut) as exc:
-                error = exc
+                chunk = await upstream.content.readany()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                error = _upstream_error(exc, group, "stopped answering", "broke off its answer")
                 break
 
         if error is None and last is None:
@@ -291,18 +291,26 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+def _upstream_error(
+    exc: TimeoutError | aiohttp.ClientError, group: str | None, timed_out: str, failed: str
+) -> ProxyError:
+    """The one translation of aiohttp's errors into the proxy's."""
+    # aiohttp's own timeouts are TimeoutErrors too, and some also ClientErrors.
+    error: ProxyError
+    if isinstance(exc, TimeoutError):
+        error = UpstreamTimedOut(f"The upstream for {group!r} {timed_out}")
+    else:
+        error = UpstreamFailed(f"The upstream for {group!r} {failed}: {type(exc).__name__}")
+    error.__cause__ = exc
+    return error
+
+
 @contextmanager
 def _upstream_errors(group: str | None, timed_out: str, failed: str) -> Iterator[None]:
-    """The one place where aiohttp's errors become the proxy's."""
     try:
         yield
-    # aiohttp's own timeouts are TimeoutErrors too, and some ClientErrors.
-    except TimeoutError as exc:
-        raise UpstreamTimedOut(f"The upstream for {group!r} {timed_out}") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamFailed(
-            f"The upstream for {group!r} {failed}: {type(exc).__name__}"
-        ) from exc
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _upstream_error(exc, group, timed_out, failed) from exc
 
 
 def _forwarded_body(ctx: Context, deployment: Deployment) -> dict[str, Any]:
@@ -331,12 +339,10 @@ def _kept_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
 
 
 async def _read(upstream: aiohttp.ClientResponse, group: str | None, limit: int | None) -> bytes:
-    """The body (``None``), at most ``limit`` bytes, or whatever arrived (-1)."""
+    """The whole body (``None``) or at most ``limit`` bytes of it."""
     with _upstream_errors(group, "stopped answering", "broke off its answer"):
         if limit is None:
             return await upstream.read()
-        if limit < 0:
-            return await upstream.content.readany()
         return await upstream.content.read(limit)
 
 
