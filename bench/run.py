@@ -673,7 +673,12 @@ def summary_lines(results: list[CaseResult]) -> list[str]:
         elif k16:
             parts.append(f"{k16.rps:.0f} req/s at 16")
         if k16 and k16.cpu_ms_per_req is not None:
-            parts.append(f"CPU {k16.cpu_ms_per_req:.3f} ms/request (chat, 16)")
+            # CPU per request hardly moves when other processes share the machine, unlike req/s.
+            cmp = ""
+            if p16 and p16.cpu_ms_per_req:
+                cmp = (f" vs passthrough {p16.cpu_ms_per_req:.3f} (one-core capacity "
+                       f"{100 * p16.cpu_ms_per_req / k16.cpu_ms_per_req:.0f}% of passthrough)")
+            parts.append(f"CPU {k16.cpu_ms_per_req:.3f} ms/request (chat, 16){cmp}")
         if k1 and d1:
             parts.append(f"p50 added latency at 1 client {k1.p50_ms - d1.p50_ms:.2f} ms")
         if ks and ds and ks.ttfb_p50_ms is not None and ds.ttfb_p50_ms is not None:

@@ -22,6 +22,7 @@ from .keys import KeyService
 from .relay import Relay
 from .router import Router
 from .state import AUTH, CHAIN, CONFIG, CONTEXT, KEYS, KEYSTORE, RELAY, ROUTER
+from .tracing import add_response_headers
 
 __all__ = ["create_app", "parse_body", "run_chain"]
 
@@ -157,7 +158,7 @@ async def not_found(request: web.Request) -> web.Response:
 def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app[CONFIG] = config
-    router = Router(config.deployments)
+    router = Router(config.deployments, config.router_settings)
     app[ROUTER] = router
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -175,7 +176,7 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
         app[KEYS] = KeyService(keystore)
         app[CHAIN] = build_chain(config, keystore, router)
         app[AUTH] = app[CHAIN][0]
-        app[RELAY] = Relay(session)
+        app[RELAY] = Relay(session, router)
         try:
             yield
         finally:
@@ -183,6 +184,7 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
             await keystore.close()
 
     app.cleanup_ctx.append(resources)
+    app.on_response_prepare.append(add_response_headers)
     for endpoint in ENDPOINTS:
         handler = _proxy_handler(endpoint)
         app.router.add_post(f"/{endpoint}", handler)

@@ -119,7 +119,9 @@ async def explain(
         else:
             checks.append(_check(policy, "passed", ctx.notes.get(policy.name, _NO_NOTE)))
 
-    outlook = router.explain(ctx.model_group) if ctx.model_group is not None else None
+    # Routing leaves its plan in the context even when every deployment is
+    # cooling down, so the answer can say what would have been tried.
+    outlook = router.explain(ctx.route, ctx.deployment) if ctx.route is not None else None
     deployment = ctx.deployment
     return {
         "allowed": rejection is None,
@@ -135,8 +137,8 @@ async def explain(
             "api_base": deployment.api_base,
             "model": deployment.upstream_model,
         },
-        "fallbacks": list(outlook.fallbacks) if outlook else [],
-        "cooling_down": list(outlook.cooling_down) if outlook else [],
+        "fallbacks": outlook["fallbacks"] if outlook else [],
+        "cooling_down": [c["deployment"] for c in outlook["cooling_down"]] if outlook else [],
         "checks": checks,
     }
 

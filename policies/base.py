@@ -36,6 +36,8 @@ class Context:
     model: str | None = None
     model_group: str | None = None
     deployment: Any = None
+    # Routing's record of this request's attempts (keystile.router.Attempts).
+    route: Any = None
     # Body fields the proxy must write before forwarding (name -> value,
     # dotted names for nested objects).
     body_changes: dict[str, Any] = field(default_factory=dict)

@@ -112,6 +112,21 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
     await fake.stop()
 
 
+@pytest.fixture
+async def make_upstream() -> AsyncIterator[Callable[[], Awaitable[FakeUpstream]]]:
+    """More fake upstreams, one per deployment; all stopped at teardown."""
+    started: list[FakeUpstream] = []
+
+    async def make() -> FakeUpstream:
+        fake = await FakeUpstream().start()
+        started.append(fake)
+        return fake
+
+    yield make
+    for fake in started:
+        await fake.stop()
+
+
 MakeProxy = Callable[..., Awaitable[Proxy]]
 
 

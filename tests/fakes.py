@@ -37,9 +37,11 @@ class Script:
     chunks: list[bytes] | None = None  # raw SSE bytes for streams, sent as given
     chunk_delay: float = 0.0
     break_after: int | None = None  # drop the connection after this many chunks
+    stall_after: int | None = None  # after this many chunks, send nothing more
     stall: asyncio.Event | None = None  # wait for this before answering
     hold_after: int | None = None  # after this many chunks, wait for `release`
     release: asyncio.Event | None = None
+    split: int | None = None  # re-cut the stream's bytes into pieces of this size
 
 
 def completion(model: str, content: str = "Hello there, how may I assist you today?",
@@ -91,8 +93,15 @@ def sse_chunks(model: str, words: list[str], usage: bool = False) -> list[bytes]
 class FakeUpstream:
     def __init__(self) -> None:
         self.received: list[Received] = []
+        # Scripts for the next requests, one each, then ``cycle`` round and
+        # round (if set), then ``script`` for every request after that.
+        self.queue: list[Script] = []
+        self.cycle: list[Script] = []
         self.script = Script()
         self.url = ""
+        self._served = 0
+        # Set at stop: a stalled answer gives up, so shutdown never waits.
+        self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.request_seen = asyncio.Event()
         # Set when a client of ours hung up in the middle of a stream.
@@ -110,18 +119,38 @@ class FakeUpstream:
         return self
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _sleep(self, seconds: float) -> None:
+        # A delay ends early at stop, so that shutdown never waits for it.
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    def then(self, *scripts: Script) -> FakeUpstream:
+        self.queue.extend(scripts)
+        return self
+
+    def _next_script(self) -> Script:
+        if self.queue:
+            return self.queue.pop(0)
+        if self.cycle:
+            self._served += 1
+            return self.cycle[(self._served - 1) % len(self.cycle)]
+        return self.script
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(Received(request.path_qs, dict(request.headers), body))
         self.request_seen.set()
-        script = self.script
+        script = self._next_script()
         if script.stall is not None:
-            await script.stall.wait()
+            await _either(script.stall, self._stopping)
         if script.delay:
-            await asyncio.sleep(script.delay)
+            await self._sleep(script.delay)
         parsed = orjson.loads(body) if body else {}
         chunks = script.chunks
         if chunks is None and parsed.get("stream") is True and script.body is None:
@@ -132,7 +161,14 @@ class FakeUpstream:
                 status=200, headers={"Content-Type": "text/event-stream"} | script.headers
             )
             await response.prepare(request)
+            if script.split:
+                whole = b"".join(chunks)
+                chunks = [whole[i:i + script.split]
+                          for i in range(0, len(whole), script.split)]
             for i, chunk in enumerate(chunks):
+                if script.stall_after is not None and i == script.stall_after:
+                    await self._stopping.wait()
+                    return response
                 if script.break_after is not None and i == script.break_after:
                     assert request.transport is not None
                     request.transport.close()
@@ -164,3 +200,9 @@ class FakeUpstream:
             except asyncio.TimeoutError:
                 pass
         return True
+
+async def _either(first: asyncio.Event, second: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
+    _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in pending:
+        waiter.cancel()

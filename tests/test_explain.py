@@ -194,7 +194,7 @@ async def test_an_allowed_request_shows_where_it_would_go_and_calls_nothing(
     assert [check["policy"] for check in answer["checks"]] == policy_names(proxy)
     assert all(check["outcome"] == "passed" for check in answer["checks"])
     reasons = {check["policy"]: check["reason"] for check in answer["checks"]}
-    assert reasons["routing"] == "deployment fake-upstream-1"
+    assert reasons["routing"] == "deployment fake-upstream-1 of model group 'gpt-3.5-turbo'"
     assert reasons["model_access"] == "'gpt-3.5-turbo' is model group 'gpt-3.5-turbo'"
     assert b"sk-upstream-secret-0000" not in raw
 
