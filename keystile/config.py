@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DATABASE_URL = "sqlite:///keystile.db"
 DEFAULT_TIMEOUT = 600.0
+# Usage and spend reach SQLite this often; a crash loses at most this window.
+DEFAULT_BATCH_WRITE = 0.1
 PROVIDERS = ("openai", "mock")
 _ENV_PREFIX = "os.environ/"
 
@@ -49,6 +51,11 @@ class Deployment:
     api_key: str | None = field(repr=False)
     timeout: float
     id: str
+    # Prices per token from model_info; zero when not configured.
+    input_cost_per_token: float = 0.0
+    output_cost_per_token: float = 0.0
+    # False for servers that reject stream_options.include_usage.
+    stream_usage: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +67,7 @@ class Config:
     enforced_params: tuple[str, ...]
     service_account_params: tuple[str, ...]
     param_headers: dict[str, str]
+    batch_write_interval: float = DEFAULT_BATCH_WRITE
 
     @property
     def model_names(self) -> list[str]:
@@ -80,13 +88,19 @@ _PARAMS = {
     "api_base": (str,),
     "api_key": (str,),
     "timeout": (int, float),
+    "stream_usage": (bool,),
 }
-_MODEL_INFO = {"id": (str,)}
+_MODEL_INFO = {
+    "id": (str,),
+    "input_cost_per_token": (int, float),
+    "output_cost_per_token": (int, float),
+}
 _GENERAL = {
     "master_key": (str,),
     "database_url": (str,),
     "enforced_params": (list,),
     "service_account_settings": (dict,),
+    "proxy_batch_write_at": (int, float),
 }
 _SERVICE_ACCOUNT = {"enforced_params": (list,), "param_headers": (dict,)}
 
@@ -205,6 +219,10 @@ def load_config(path: str | Path, database_override: str | None = None) -> Confi
             raise reader.fail(f"{where}.{param}", "must be a header name")
         param_headers[str(param)] = header.strip().lower()
 
+    batch_write = float(general.get("proxy_batch_write_at", DEFAULT_BATCH_WRITE))
+    if batch_write <= 0:
+        raise reader.fail("general_settings.proxy_batch_write_at", "must be positive")
+
     if database_override is not None:
         database_path = Path(database_override)
     else:
@@ -225,6 +243,7 @@ def load_config(path: str | Path, database_override: str | None = None) -> Confi
             "general_settings.service_account_settings.enforced_params",
         ),
         param_headers=param_headers,
+        batch_write_interval=batch_write,
     )
 
 
@@ -255,6 +274,11 @@ def _deployments(reader: _Reader, entries: list[Any]) -> tuple[Deployment, ...]:
         if timeout <= 0:
             raise reader.fail(f"{where}.litellm_params.timeout", "must be positive")
         deployment_id = info.get("id") or _derived_id(name, target, api_base)
+        prices = {}
+        for price in ("input_cost_per_token", "output_cost_per_token"):
+            prices[price] = float(info.get(price, 0))
+            if prices[price] < 0:
+                raise reader.fail(f"{where}.model_info.{price}", "must be 0 or more")
         out.append(
             Deployment(
                 model_name=name.strip(),
@@ -264,6 +288,8 @@ def _deployments(reader: _Reader, entries: list[Any]) -> tuple[Deployment, ...]:
                 api_key=params.get("api_key"),
                 timeout=timeout,
                 id=deployment_id,
+                stream_usage=params.get("stream_usage", True),
+                **prices,
             )
         )
     return tuple(out)

@@ -21,6 +21,7 @@ from .config import Deployment
 from .errors import ProxyError, UpstreamFailed, UpstreamTimedOut, error_body
 from .mock import mock_response
 from .sse import EventSplitter
+from .usage import METER
 
 __all__ = ["Relay"]
 
@@ -174,11 +175,14 @@ async def _relay_stream(
     response = web.StreamResponse(status=upstream.status, headers=_STREAM_HEADERS)
     await response.prepare(request)
     splitter = EventSplitter()
+    meter = request.get(METER)
     try:
         # iter_any hands over whatever arrived, as soon as it arrived; every
         # event it completes goes out in the same write.
         async for chunk in upstream.content.iter_any():
             events = splitter.feed(chunk)
+            if events and meter is not None:
+                events = meter.events(events)
             if events:
                 await response.write(b"".join(events))
         rest = splitter.rest()
