@@ -28,6 +28,10 @@ __all__ = ["Meter", "METER", "CLIENT_GONE", "record"]
 
 # The usual rule of thumb for English text with OpenAI's tokenizers.
 CHARS_PER_TOKEN = 4
+# The text fields of a chunk, found without parsing it: counting characters
+# must cost next to nothing, since it only matters for a cut-off stream.
+_TEXT_MARKERS = (b'"content":"', b'"text":"', b'"arguments":"')
+_BACKSLASH = 0x5C
 # The status recorded when the client hung up (nginx's convention).
 CLIENT_GONE = 499
 
@@ -82,25 +86,26 @@ class Meter:
 
     def events(self, events: list[bytes]) -> list[bytes]:
         """SSE events on their way to the client; returns the ones to send."""
-        self._first_bytes()
+        if self.ttfb is None:
+            self._first_bytes()
         kept = events
         for event in events:
+            # Only the usage chunk is parsed; OpenAI sends "usage":null in
+            # every other chunk once usage is asked for.
+            if b'"usage"' not in event or b'"usage":null' in event:
+                if self.prompt_tokens is None:
+                    self.chars += _text_chars(event)
+                continue
             data = _data(event)
-            if data is None:
-                continue
             try:
-                chunk = orjson.loads(data)
+                chunk = orjson.loads(data) if data is not None else None
             except orjson.JSONDecodeError:
-                continue  # [DONE], or something that is not ours to judge
-            if not isinstance(chunk, dict):
-                continue
-            if self._take(chunk.get("usage")):
+                continue  # not ours to judge
+            if isinstance(chunk, dict) and self._take(chunk.get("usage")):
                 if self.strip and not chunk.get("choices"):
                     if kept is events:
                         kept = list(events)
                     kept.remove(event)
-            elif self.prompt_tokens is None:
-                self._count(chunk.get("choices"), "delta")
         return kept
 
     def _take(self, usage: Any) -> bool:
@@ -177,6 +182,23 @@ def _data(event: bytes) -> bytes | None:
         line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")
     ]
     return b"\n".join(lines) if lines else None
+
+
+def _text_chars(event: bytes) -> int:
+    """Characters in an event's text fields; escapes count as two (an estimate)."""
+    chars = 0
+    for marker in _TEXT_MARKERS:
+        start = event.find(marker)
+        while start != -1:
+            start += len(marker)
+            end = event.find(b'"', start)
+            while end != -1 and event[end - 1] == _BACKSLASH:
+                end = event.find(b'"', end + 1)
+            if end == -1:
+                break
+            chars += end - start
+            start = event.find(marker, end)
+    return chars
 
 
 def _tokens(chars: int) -> int:

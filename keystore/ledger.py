@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -285,9 +286,32 @@ class UsageLedger:
         return [dict(zip(names, row)) for row in rows]
 
 
+class _IsoTimes:
+    """``to_iso`` for many times close together: the second is formatted once."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, moment: float) -> str:
+        # Rounded to the microsecond the way datetime.fromtimestamp does.
+        fraction, whole = math.modf(moment)
+        micro = round(fraction * 1_000_000)
+        second = int(whole)
+        if micro >= 1_000_000:
+            second, micro = second + 1, micro - 1_000_000
+        if second != self._second:
+            self._second = second
+            self._prefix = to_iso(float(second))[:-5]  # without ".000Z"
+        return f"{self._prefix}.{micro // 1000:03d}Z"
+
+
+_iso = _IsoTimes()
+
+
 def _values(row: UsageRow) -> tuple[Any, ...]:
     return (
-        to_iso(row.time), row.key_hash, row.key_alias, row.account_type, row.end_user,
+        _iso(row.time), row.key_hash, row.key_alias, row.account_type, row.end_user,
         row.endpoint, row.model_group, row.deployment_id, row.status, row.prompt_tokens,
         row.completion_tokens, row.cost, round(row.latency_ms, 3),
         None if row.ttfb_ms is None else round(row.ttfb_ms, 3), int(row.estimated),
