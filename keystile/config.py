@@ -90,12 +90,12 @@ _PARAMS = {
     "timeout": (int, float),
     "stream_usage": (bool,),
 }
-_MODEL_INFO = {
+_MODEL_INFO: dict[str, tuple[type, ...]] = {
     "id": (str,),
     "input_cost_per_token": (int, float),
     "output_cost_per_token": (int, float),
 }
-_GENERAL = {
+_GENERAL: dict[str, tuple[type, ...]] = {
     "master_key": (str,),
     "database_url": (str,),
     "enforced_params": (list,),

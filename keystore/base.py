@@ -86,7 +86,9 @@ class UsageFilter:
 
 
 class Keystore(Protocol):
-    counters: Counters
+    @property
+    def counters(self) -> Counters:
+        """The rate-limit counters that go with this storage."""
 
     def cached(self, token: str) -> KeyRecord | None:
         """The key with this digest if memory holds it; never waits."""

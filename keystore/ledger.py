@@ -171,25 +171,35 @@ class UsageLedger:
         await self.flush()
 
     async def _run(self, interval: float) -> None:
+        swept = time.monotonic()
         while not self._closing:
             try:
                 await asyncio.wait_for(self._wake.wait(), _SWEEP_INTERVAL)
             except asyncio.TimeoutError:
+                pass
+            # Cleared before anything else: a wake-up whose rows someone else
+            # already flushed must not make this loop spin.
+            self._wake.clear()
+            if time.monotonic() - swept >= _SWEEP_INTERVAL:
+                swept = time.monotonic()
                 self._sweep()
-                if not self._pending:
-                    continue
+            if not self._rows and not self._pending:
+                continue
             if not self._closing:
                 try:
                     await asyncio.wait_for(self._large.wait(), interval)
                 except asyncio.TimeoutError:
                     pass
-            self._wake.clear()
             self._large.clear()
             try:
                 await self.flush()
             except (sqlite3.Error, ValueError) as exc:
                 # Kept in memory and tried again with the next batch.
                 logger.warning("usage ledger write failed, will retry: %s", exc)
+                await asyncio.sleep(interval)
+            except Exception:
+                # Kept in memory too; the writer must outlive a bug in one batch.
+                logger.exception("usage ledger write failed, will retry")
                 await asyncio.sleep(interval)
 
     def _sweep(self) -> None:
@@ -302,7 +312,7 @@ class _IsoTimes:
             second, micro = second + 1, micro - 1_000_000
         if second != self._second:
             self._second = second
-            self._prefix = to_iso(float(second))[:-5]  # without ".000Z"
+            self._prefix = str(to_iso(float(second)))[:-5]  # without ".000Z"
         return f"{self._prefix}.{micro // 1000:03d}Z"
 
 
