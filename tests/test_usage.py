@@ -282,3 +282,24 @@ async def test_shutdown_writes_everything_queued(tmp_path: Path, signum: int) ->
     connection.close()
     assert spend == pytest.approx(sum(row["prompt_tokens"] * 0.5 for row in found))
     assert spend > 0
+
+
+async def test_a_fallback_to_a_server_without_stream_usage_is_not_sent_the_option(
+    make_proxy, make_upstream
+) -> None:
+    from .fakes import Script
+    from .routes import chat, config, deployment
+
+    first, second = await make_upstream(), await make_upstream()
+    first.script = Script(status=503, body=b'{"error":{"message":"down"}}')
+    proxy = await make_proxy(config(
+        [deployment("main", first, "main-1"),
+         deployment("backup", second, "backup-1", stream_usage=False)],
+        num_retries=0, fallbacks=[{"main": ["backup"]}],
+    ))
+
+    status, _, headers = await chat(proxy, "main", stream=True)
+
+    assert status == 200 and headers["x-keystile-fallback"] == "backup"
+    assert first.received[0].json["stream_options"] == {"include_usage": True}
+    assert "stream_options" not in second.received[0].json
