@@ -20,7 +20,10 @@ import pytest
 import yaml
 
 from .conftest import MASTER_KEY, MakeProxy, Proxy, base_config
-from .fakes import FakeUpstream
+from .fakes import FakeUpstream, Script
+from .routes import chat as routed_chat
+from .routes import config as routed_config
+from .routes import deployment
 from .test_limits import CHAT, chat, priced_config, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -285,20 +288,17 @@ async def test_shutdown_writes_everything_queued(tmp_path: Path, signum: int) ->
 
 
 async def test_a_fallback_to_a_server_without_stream_usage_is_not_sent_the_option(
-    make_proxy, make_upstream
+    make_proxy: MakeProxy, make_upstream: Any
 ) -> None:
-    from .fakes import Script
-    from .routes import chat, config, deployment
-
     first, second = await make_upstream(), await make_upstream()
     first.script = Script(status=503, body=b'{"error":{"message":"down"}}')
-    proxy = await make_proxy(config(
+    proxy = await make_proxy(routed_config(
         [deployment("main", first, "main-1"),
          deployment("backup", second, "backup-1", stream_usage=False)],
         num_retries=0, fallbacks=[{"main": ["backup"]}],
     ))
 
-    status, _, headers = await chat(proxy, "main", stream=True)
+    status, _, headers = await routed_chat(proxy, "main", stream=True)
 
     assert status == 200 and headers["x-keystile-fallback"] == "backup"
     assert first.received[0].json["stream_options"] == {"include_usage": True}
