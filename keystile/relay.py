@@ -183,7 +183,8 @@ class Relay:
             if upstream.status >= 400:
                 return await _relay_error(upstream, group, deployment)
             if not stream:
-                return await self._relay_whole(upstream, group, deployment, seconds)
+                return await self._relay_whole(upstream, group, deployment, seconds,
+                                               request.get(METER))
             if not _is_sse(upstream):
                 raise UpstreamFailed(
                     f"The upstream for {group!r} answered a stream request with "
@@ -200,7 +201,7 @@ class Relay:
 
     async def _relay_whole(
         self, upstream: aiohttp.ClientResponse, group: str | None,
-        deployment: Deployment, seconds: float,
+        deployment: Deployment, seconds: float, meter: Meter | None,
     ) -> web.Response:
         body = await _read(upstream, group, None)
         try:
@@ -218,6 +219,8 @@ class Relay:
             tokens = usage.get("total_tokens")
             if isinstance(tokens, int):
                 self.router.state.add_tokens(deployment, tokens)
+        if meter is not None:
+            meter.answer(parsed)
         return web.Response(status=upstream.status, body=body, headers=_kept_headers(upstream))
 
     async def _relay_stream(

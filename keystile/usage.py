@@ -44,7 +44,7 @@ class Meter:
     """What one request used and how long it took."""
 
     __slots__ = ("time", "_start", "ttfb", "prompt_tokens", "completion_tokens",
-                 "chars", "streamed", "strip", "client_gone")
+                 "chars", "streamed", "strip", "client_gone", "answered")
 
     def __init__(self) -> None:
         self.time = time.time()
@@ -57,6 +57,7 @@ class Meter:
         self.streamed = False
         self.strip = False  # the client did not ask for the usage chunk
         self.client_gone = False  # the client hung up while the answer streamed
+        self.answered = False  # a whole JSON answer has been counted
 
     def prepare(self, ctx: Context) -> None:
         """Ask the upstream for usage in a stream; runs after the chain."""
@@ -78,14 +79,20 @@ class Meter:
             self.ttfb = time.perf_counter() - self._start
 
     def body(self, raw: bytes) -> None:
-        """A whole JSON answer."""
-        self._first_bytes()
+        """A whole JSON answer, unless the relay already handed it over parsed."""
+        if self.answered:
+            return
         try:
             parsed = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return
-        if not isinstance(parsed, dict):
-            return
+        if isinstance(parsed, dict):
+            self.answer(parsed)
+
+    def answer(self, parsed: dict[str, Any]) -> None:
+        """A whole JSON answer, already parsed."""
+        self._first_bytes()
+        self.answered = True
         if not self._take(parsed.get("usage")):
             self._count(parsed.get("choices"), "message")
 
