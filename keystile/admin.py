@@ -17,7 +17,9 @@ from policies import Context
 
 from .errors import BadRequest, Forbidden
 from .keyfields import GENERATE_FIELDS, UPDATE_FIELDS, parse_duration, validate_fields
-from .state import AUTH, CONFIG, CONTEXT, KEYS
+from .keyfields import DURATION_UNITS
+from .keys import MAX_PAGE_SIZE
+from .state import AUTH, CONFIG, CONTEXT, KEYS, ROUTER
 
 __all__ = ["add_routes", "caller"]
 
@@ -190,7 +192,27 @@ async def regenerate(request: web.Request) -> web.Response:
     return _json(_created(raw, record))
 
 
+async def settings(request: web.Request) -> web.Response:
+    """What an admin client needs to offer valid choices (the admin page)."""
+    await _require_master(request)
+    config = request.app[CONFIG]
+    return _json({
+        "models": list(request.app[ROUTER].groups),
+        "enforced_params": list(config.enforced_params),
+        "service_account_settings": {
+            "enforced_params": list(config.service_account_params),
+            "param_headers": config.param_headers,
+        },
+        "durations": {
+            "units": {unit: seconds for unit, seconds in DURATION_UNITS.items()},
+            "examples": ["30s", "15m", "12h", "30d"],
+        },
+        "max_page_size": MAX_PAGE_SIZE,
+    })
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/settings", settings)
     app.router.add_post("/key/generate", generate)
     app.router.add_post("/key/service-account/generate", generate_service_account)
     app.router.add_get("/key/info", info)

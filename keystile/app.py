@@ -13,7 +13,7 @@ from aiohttp import web
 from keystore import open_keystore
 from policies import Context, Policy, build_chain
 
-from . import admin
+from . import admin, ui
 from .config import Config
 from .errors import BadRequest, NotFound, ProxyError, error_body, error_response
 from .errors import internal_error_response
@@ -171,4 +171,5 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
     app.router.add_get("/health/liveliness", liveliness)
     app.router.add_get("/health/readiness", readiness)
     admin.add_routes(app)
+    ui.add_routes(app)
     return app
