@@ -16,8 +16,13 @@ from keystore import KeyFilter, KeyRecord
 from policies import Context
 
 from .errors import BadRequest, Forbidden
-from .keyfields import GENERATE_FIELDS, UPDATE_FIELDS, parse_duration, validate_fields
-from .keyfields import DURATION_UNITS
+from .keyfields import (
+    DURATION_UNITS,
+    GENERATE_FIELDS,
+    UPDATE_FIELDS,
+    parse_duration,
+    validate_fields,
+)
 from .keys import MAX_PAGE_SIZE
 from .state import AUTH, CONFIG, CONTEXT, KEYS, ROUTER
 
@@ -204,7 +209,7 @@ async def settings(request: web.Request) -> web.Response:
             "param_headers": config.param_headers,
         },
         "durations": {
-            "units": {unit: seconds for unit, seconds in DURATION_UNITS.items()},
+            "units": DURATION_UNITS,
             "examples": ["30s", "15m", "12h", "30d"],
         },
         "max_page_size": MAX_PAGE_SIZE,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-__all__ = ["add_routes", "SECURITY_HEADERS"]
+__all__ = ["SECURITY_HEADERS", "add_routes"]
 
 UI_DIR = Path(__file__).with_name("ui")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Dialog, Page, async_playwright
+from playwright.async_api import Error as PlaywrightError
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -29,7 +30,7 @@ async def chromium() -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
         try:
             browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        except Exception as exc:
+        except PlaywrightError as exc:
             pytest.fail(f"Chromium could not start from {CHROMIUM}: {exc}")
         try:
             yield browser
