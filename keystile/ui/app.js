@@ -166,8 +166,8 @@
     const headers = Object.entries(service.param_headers || {});
 
     const rules = [
-      ["Every key must send", listOrNone(settings.enforced_params, "nothing extra")],
-      ["Service-account keys must send", listOrNone(service.enforced_params, "nothing extra")],
+      ["Every key must send", listOrNone(settings.enforced_params, "nothing")],
+      ["Service-account keys must send", listOrNone(service.enforced_params, "nothing more")],
       ["Params a header may supply", headers.length
         ? headers.map(([param, header]) => param + " from header " + header).join(", ")
         : "none"],
@@ -322,8 +322,10 @@
     $("page-next").disabled = data.current_page >= data.total_pages;
   }
 
+  // One wrapper per cell: on narrow screens the cell is a two-column grid
+  // (label, value) and the value must be a single grid item.
   function cell(label, ...children) {
-    return h("td", { "data-label": label }, ...children);
+    return h("td", { "data-label": label }, h("div", {}, ...children));
   }
 
   function keyRow(key) {

@@ -205,7 +205,8 @@ async def test_narrow_screen_has_no_sideways_scroll(proxy: Proxy) -> None:
         await create_on_page(page, "phone-made")
         await expect(page.locator("#keys-body tr")).to_have_count(3)
         assert await scroll_width(page) <= 375
-        await screenshot(page, "body", "narrow-375.png")
+        await screenshot(page, ".columns", "narrow-create-form.png")
+        await screenshot(page, "#keys", "narrow-keys-table.png")
 
         await page.get_by_role("button", name="Delete laptop").click()
         assert await scroll_width(page) <= 375
