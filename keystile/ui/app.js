@@ -622,6 +622,11 @@
     }
 
     const route = [];
+    if (answer.key) {
+      const kind = answer.key.account_type === "service_account" ? "service account" : "user";
+      route.push(["Key", (answer.key.key_alias || "no alias") + " (" + answer.key.key_name +
+        ", " + kind + ")"]);
+    }
     if (answer.model_group) route.push(["Model group", answer.model_group]);
     if (answer.deployment) {
       route.push(["Deployment", answer.deployment.id +

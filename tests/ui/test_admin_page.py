@@ -6,7 +6,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from playwright.async_api import Page, expect
+from playwright.async_api import Locator, Page, expect
 
 import keystile
 
@@ -26,7 +26,7 @@ EXPLAIN_ROUTE = any(
 )
 
 
-def row(page: Page, alias: str):  # type: ignore[no-untyped-def]
+def row(page: Page, alias: str) -> Locator:
     return page.locator("#keys-body tr").filter(
         has=page.locator(".alias", has_text=alias)
     )
@@ -152,6 +152,7 @@ async def test_test_button_explains_allowed_and_refused(
         await expect(result).to_contain_text("Refused by required params")
         await expect(result).to_contain_text("HTTP 400")
         await expect(result).to_contain_text("please pass param=user")
+        await expect(result).to_contain_text("svc-test")
         await screenshot(page, "#test-dialog", "test-refused.png")
 
         await page.locator("#test-user").fill("test-user")
