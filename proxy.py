@@ -2,6 +2,7 @@
 
     python proxy.py --config config.yaml            serve (default 0.0.0.0:4000)
     python proxy.py keys create --config ... [...]  manage keys on the database file
+    python proxy.py explain --key ALIAS --model M   why a request would be refused
 """
 
 from __future__ import annotations

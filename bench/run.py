@@ -72,6 +72,8 @@ class CaseResult:
     p99_ms: float = 0.0
     ttfb_p50_ms: float | None = None
     cpu_ms_per_req: float | None = None
+    busy_pct: float | None = None
+    other_pct: float | None = None  # CPU used by processes outside the benchmark, % of one core
     hwm_mib: float | None = None
     rss_mib: float | None = None
     note: str = ""
@@ -84,6 +86,8 @@ class Context:
     proxy_core: list[str]  # taskset prefix for the process under test
     client_core: list[str]  # taskset prefix for upstream and load generator
     use_wrk: bool
+    upstream_pid: int | None = None
+    load_at_start: float = field(default_factory=lambda: os.getloadavg()[0])  # 1-min load average
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -139,7 +143,7 @@ class Proc:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def pin_prefixes() -> tuple[list[str], list[str], str]:
@@ -224,9 +228,13 @@ def check_chat(ctx: Context, target: Target, stream: bool, label: str, expect_ok
             ok = False
     elif ok:
         events = [ln[6:] for ln in resp.decode(errors="replace").split("\n") if ln.startswith("data: ")]
-        chunks = [e for e in events if e != "[DONE]" and orjson.loads(e).get("choices")]
-        ok = bool(events) and events[-1] == "[DONE]" and len(chunks) == STREAM_CHUNKS
-        if ok and not any("usage" in orjson.loads(e) and orjson.loads(e)["usage"] for e in events[:-1]):
+        try:
+            parsed = [orjson.loads(e) for e in events if e != "[DONE]"]
+        except orjson.JSONDecodeError:
+            parsed, ok = [], False
+        chunks = [e for e in parsed if isinstance(e, dict) and e.get("choices")]
+        ok = ok and bool(events) and events[-1] == "[DONE]" and len(chunks) == STREAM_CHUNKS
+        if ok and not any(isinstance(e, dict) and e.get("usage") for e in parsed):
             ctx.problems.append(f"{target.name}: stream with stream_options.include_usage has no usage chunk\n"
                                 + describe("POST", url, body, target.auth, status, headers, resp))
     if ok != expect_ok:
@@ -286,10 +294,49 @@ def memory_mib(pid: int) -> tuple[float, float]:
     return hwm / 1024, rss / 1024
 
 
+def system_busy_seconds() -> float:
+    """Busy CPU time of the whole machine (all cores) from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds(ctx: Context, target: Target) -> float:
+    """CPU of everything the benchmark runs: this script, reaped load generators, upstream, process under test."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for pid in {ctx.upstream_pid, target.pid}:
+        if pid:
+            total += cpu_seconds(pid)
+    return total
+
+
+def other_load_pct(ctx: Context, target: Target, seconds: float) -> float:
+    """CPU used by processes outside the benchmark over the next `seconds`, in % of one core."""
+    sys0, own0, wall0 = system_busy_seconds(), own_cpu_seconds(ctx, target), time.monotonic()
+    time.sleep(seconds)
+    other = (system_busy_seconds() - sys0) - (own_cpu_seconds(ctx, target) - own0)
+    return max(0.0, 100 * other / (time.monotonic() - wall0))
+
+
+def wait_for_quiet(ctx: Context, target: Target) -> None:
+    """Wait (at most --wait-idle s) until other processes leave the machine nearly idle."""
+    deadline = time.monotonic() + ctx.args.wait_idle
+    waited = False
+    while time.monotonic() < deadline:
+        pct = other_load_pct(ctx, target, 0.5)
+        if pct < 10:
+            return
+        if not waited:
+            log(f"  waiting up to {ctx.args.wait_idle:.0f}s for other load ({pct:.0f}% of a core) to settle")
+            waited = True
+
+
 def parse_tagged(output: str, tag: str) -> dict[str, Any]:
     for line in output.splitlines():
         if line.startswith(tag + " "):
-            return orjson.loads(line[len(tag) + 1:])
+            result: dict[str, Any] = orjson.loads(line[len(tag) + 1:])
+            return result
     raise RuntimeError(f"no {tag} line in load generator output:\n{output[-2000:]}")
 
 
@@ -334,25 +381,43 @@ def run_case(ctx: Context, target: Target, wl: Workload) -> CaseResult:
     args = ctx.args
     res = CaseResult(target.name, wl)
     n = args.requests
-    # Warm-up is a separate run so that the CPU reading below covers only the measured requests.
+    # Warm-up is a separate run so that the CPU readings below cover only the measured requests.
     if ctx.use_wrk:
         run_wrk(ctx, target, wl, args.warmup, case_seconds(ctx, args.warmup))
-        cpu0 = cpu_seconds(target.pid) if target.pid else 0.0
-        r = run_wrk(ctx, target, wl, n, case_seconds(ctx, n))
     else:
         run_loadgen(ctx, target, wl, args.warmup, 0, case_seconds(ctx, args.warmup))
+    runs: list[tuple[dict[str, Any], float]] = []  # (load generator result, CPU seconds under test)
+    for _ in range(args.repeat):
+        wait_for_quiet(ctx, target)
         cpu0 = cpu_seconds(target.pid) if target.pid else 0.0
-        r = run_loadgen(ctx, target, wl, n, 0, case_seconds(ctx, n))
+        # Other work on the machine (a test suite, an editor) skews a 2-core benchmark: measure it
+        # as machine-wide busy time minus the benchmark's own processes.
+        sys0, own0, wall0 = system_busy_seconds(), own_cpu_seconds(ctx, target), time.monotonic()
+        if ctx.use_wrk:
+            r = run_wrk(ctx, target, wl, n, case_seconds(ctx, n))
+        else:
+            r = run_loadgen(ctx, target, wl, n, 0, case_seconds(ctx, n))
+        other = (system_busy_seconds() - sys0) - (own_cpu_seconds(ctx, target) - own0)
+        r["other_pct"] = max(0.0, 100 * other / max(1e-9, time.monotonic() - wall0))
+        runs.append((r, cpu_seconds(target.pid) - cpu0 if target.pid else 0.0))
+    # With --repeat > 1 report the run with the median req/s: other load on a small machine
+    # shows up as single slow runs, and the median keeps them out.
+    runs.sort(key=lambda rc: rc[0]["rps"])
+    r, cpu = runs[len(runs) // 2]
+    res.other_pct = r["other_pct"]
+    if len(runs) > 1:
+        res.note = "req/s of the runs: " + ", ".join(f"{x['rps']:.0f}" for x, _ in runs) + "; "
     if target.pid:
-        cpu = cpu_seconds(target.pid) - cpu0
         res.cpu_ms_per_req = cpu * 1e3 / max(1, r["requests"])
+        # Share of one core the process under test used: ~100% means it was the bottleneck.
+        res.busy_pct = 100 * cpu / r["duration_s"] if r["duration_s"] > 0 else None
         res.hwm_mib, res.rss_mib = memory_mib(target.pid)
     res.requests, res.rps, res.p50_ms, res.p99_ms = r["requests"], r["rps"], r["p50_ms"], r["p99_ms"]
     res.errors = r["non2xx"] + r["socket_errors"]
     if res.errors:
         res.error_detail = f"{r['non2xx']} non-2xx, {r['socket_errors']} socket"
-    if r["requests"] < n:
-        res.note = f"time-capped: {r['requests']} of {n} requests"
+    if r["requests"] + r["socket_errors"] < n:
+        res.note += f"time-capped: {r['requests']} of {n} requests"
     if wl.stream:
         # wrk has no time-to-first-byte: measure it with a small separate aiohttp client.
         t = run_loadgen(ctx, target, wl, args.ttfb_requests, min(50, args.ttfb_requests),
@@ -363,7 +428,9 @@ def run_case(ctx: Context, target: Target, wl: Workload) -> CaseResult:
     log(f"  {target.name:17} {wl.name:9} {res.requests:6d} req  {res.rps:8.0f} req/s  p50 {res.p50_ms:6.2f} ms"
         f"  p99 {res.p99_ms:6.2f} ms  errors {res.errors}"
         + (f"  TTFB {res.ttfb_p50_ms:.2f} ms" if res.ttfb_p50_ms is not None else "")
-        + (f"  CPU {res.cpu_ms_per_req:.3f} ms/req" if res.cpu_ms_per_req is not None else ""))
+        + (f"  CPU {res.cpu_ms_per_req:.3f} ms/req ({res.busy_pct:.0f}% busy)" if res.cpu_ms_per_req is not None
+           and res.busy_pct is not None else "")
+        + (f"  other load {res.other_pct:.0f}%" if res.other_pct is not None else ""))
     return res
 
 
@@ -376,6 +443,7 @@ def start_upstream(ctx: Context, procs: list[Proc]) -> str:
     procs.append(p)
     base = f"http://127.0.0.1:{port}"
     wait_ready(base + "/v1/models", p, 30)
+    ctx.upstream_pid = p.pid
     return base
 
 
@@ -394,7 +462,7 @@ def start_passthrough(ctx: Context, procs: list[Proc], upstream: str) -> tuple[T
             break
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"passthrough not listening after 30s:\n{p.log_tail()}")
+                raise RuntimeError(f"passthrough not listening after 30s:\n{p.log_tail()}") from None
             time.sleep(0.1)
     return Target("passthrough", base, "", p.pid), p
 
@@ -540,11 +608,15 @@ def machine_lines(ctx: Context, pin_note: str) -> list[str]:
         gen = (v.stdout or v.stderr).splitlines()[0].split(" Copyright")[0] + " — 1 thread, bench/wrk_post.lua"
     return [f"- Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
             f"- Machine: nproc {len(os.sched_getaffinity(0))}, CPU {cpu}, Python {platform.python_version()}, "
-            f"aiohttp {aiohttp.__version__}",
+            f"aiohttp {aiohttp.__version__}, load average at start {ctx.load_at_start:.2f}",
             f"- Load generator: {gen}; {pin_note}",
-            f"- Per case: {ctx.args.requests} requests after {ctx.args.warmup} warm-up requests; streaming = "
+            f"- Per case: {ctx.args.requests} requests after {ctx.args.warmup} warm-up requests"
+            + (f", median-req/s run of {ctx.args.repeat}" if ctx.args.repeat > 1 else "") + "; streaming = "
             f"{STREAM_CHUNKS} SSE chunks + usage chunk; TTFB = p50 time to first body byte over "
-            f"{ctx.args.ttfb_requests} streaming requests at 16 connections (bench/loadgen.py)"]
+            f"{ctx.args.ttfb_requests} streaming requests at 16 connections (bench/loadgen.py)",
+            "- Columns: *added* = minus `direct` at the same concurrency; *CPU busy %* = share of one core the "
+            "process under test used during the run (~100% = it was the bottleneck); *other load %* = CPU used "
+            "by processes outside the benchmark during the run, in % of one core (much above 5% = disturbed)"]
 
 
 def fmt(v: float | None, digits: int = 2) -> str:
@@ -554,8 +626,8 @@ def fmt(v: float | None, digits: int = 2) -> str:
 def render(ctx: Context, results: list[CaseResult], header: list[str]) -> str:
     direct = {r.workload: r for r in results if r.target == "direct"}
     rows = ["| case | workload | conc | requests | errors | req/s | p50 ms | p99 ms | p50 added ms "
-            "| TTFB p50 ms | TTFB added ms | CPU ms/req | peak RSS MiB | RSS MiB |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+            "| TTFB p50 ms | TTFB added ms | CPU ms/req | CPU busy % | peak RSS MiB | RSS MiB | other load % |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in results:
         base = direct.get(r.workload)
         added = r.p50_ms - base.p50_ms if base and r.target != "direct" else None
@@ -564,13 +636,17 @@ def render(ctx: Context, results: list[CaseResult], header: list[str]) -> str:
         errors = f"{r.errors} ({r.error_detail})" if r.errors else "0"
         rows.append(f"| {r.target} | {'stream' if r.workload.stream else 'chat'} | {r.workload.concurrency} "
                     f"| {r.requests} | {errors} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {fmt(added)} "
-                    f"| {fmt(r.ttfb_p50_ms)} | {fmt(ttfb_added)} | {fmt(r.cpu_ms_per_req, 3)} "
-                    f"| {fmt(r.hwm_mib, 1)} | {fmt(r.rss_mib, 1)} |")
+                    f"| {fmt(r.ttfb_p50_ms)} | {fmt(ttfb_added)} | {fmt(r.cpu_ms_per_req, 3)} | {fmt(r.busy_pct, 0)} "
+                    f"| {fmt(r.hwm_mib, 1)} | {fmt(r.rss_mib, 1)} | {fmt(r.other_pct, 0)} |")
     out = ["# Keystile benchmark", "", *header, "", *rows, ""]
     out += summary_lines(results)
+    disturbed = [f"{r.target} {r.workload.name}" for r in results if (r.other_pct or 0) > 10]
+    if disturbed:
+        out.append(f"- Warning: other processes used more than 10% of a core during: {', '.join(disturbed)}; "
+                   "rerun on an idle machine (or with --repeat 3) before comparing these rows.")
     for r in results:
         if r.note:
-            out.append(f"- Note {r.target} {r.workload.name}: {r.note.strip()}")
+            out.append(f"- Note {r.target} {r.workload.name}: {r.note.strip().rstrip(';')}")
     out += [f"- Note: {n}" for n in ctx.notes]
     if ctx.problems:
         out += ["", "## Problems seen", ""]
@@ -597,7 +673,12 @@ def summary_lines(results: list[CaseResult]) -> list[str]:
         elif k16:
             parts.append(f"{k16.rps:.0f} req/s at 16")
         if k16 and k16.cpu_ms_per_req is not None:
-            parts.append(f"CPU {k16.cpu_ms_per_req:.3f} ms/request (chat, 16)")
+            # CPU per request hardly moves when other processes share the machine, unlike req/s.
+            cmp = ""
+            if p16 and p16.cpu_ms_per_req:
+                cmp = (f" vs passthrough {p16.cpu_ms_per_req:.3f} (one-core capacity "
+                       f"{100 * p16.cpu_ms_per_req / k16.cpu_ms_per_req:.0f}% of passthrough)")
+            parts.append(f"CPU {k16.cpu_ms_per_req:.3f} ms/request (chat, 16){cmp}")
         if k1 and d1:
             parts.append(f"p50 added latency at 1 client {k1.p50_ms - d1.p50_ms:.2f} ms")
         if ks and ds and ks.ttfb_p50_ms is not None and ds.ttfb_p50_ms is not None:
@@ -629,7 +710,11 @@ def benchmark(ctx: Context, procs: list[Proc], pin_note: str) -> str:
 
     def run_all(target: Target) -> None:
         for wl in workloads:
-            results.append(run_case(ctx, target, wl))
+            try:
+                results.append(run_case(ctx, target, wl))
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # one broken case must not hide the rest
+                ctx.problems.append(f"{target.name} {wl.name}: load run failed: {e}")
+                log(f"  {target.name:17} {wl.name:9} FAILED: {e}")
 
     if "direct" in targets:
         direct = Target("direct", upstream, "", None)
@@ -672,7 +757,9 @@ def soak(ctx: Context, procs: list[Proc], pin_note: str) -> str:
         run_wrk(ctx, sa, wl, args.warmup, case_seconds(ctx, args.warmup))
     else:
         run_loadgen(ctx, sa, wl, args.warmup, 0, case_seconds(ctx, args.warmup))
-    samples: list[tuple[float, int, float, float, int]] = []  # (elapsed s, requests, rss, hwm, errors)
+    hwm, rss = memory_mib(ks.proc.pid)
+    samples: list[tuple[float, int, float, float, int]] = [(0.0, 0, rss, hwm, 0)]  # (s, requests, RSS, peak, errors)
+    log(f"  t=     0s  after warm-up: RSS {rss:.1f} MiB  peak {hwm:.1f} MiB")
     total = errors = 0
     t0 = time.monotonic()
     # Runs of <= 10 s back to back: RSS is sampled between them (every ~10 s).
@@ -710,7 +797,7 @@ def soak(ctx: Context, procs: list[Proc], pin_note: str) -> str:
                        "first-minute vs end comparison (needs > 70 s).")
         out.append(f"**RSS after 100,000 requests:** {at_100k[2]:.1f} MiB (sampled at {at_100k[1]} requests)."
                    if at_100k else f"Fewer than 100,000 requests in the soak ({end[1]}).")
-        out.append(f"Total: {end[1]} requests, {end[4]} errors, {end[1] / end[0]:.0f} req/s on average.")
+        out.append(f"Total: {end[1]} requests, {end[4]} errors, {end[1] / max(end[0], 1e-9):.0f} req/s on average.")
     if ctx.problems:
         out += ["", "## Problems seen", ""]
         for p in ctx.problems:
@@ -722,6 +809,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=20000, help="measured requests per case")
     ap.add_argument("--warmup", type=int, default=2000, help="warm-up requests before each case")
+    ap.add_argument("--repeat", type=int, default=1, help="measured runs per case; the median req/s run is shown")
     ap.add_argument("--ttfb-requests", type=int, default=500, help="streaming requests for the TTFB measurement")
     ap.add_argument("--quick", action="store_true", help="small smoke run (1000 requests, 200 warm-up, 100 TTFB)")
     ap.add_argument("--cases", default="", help=f"comma list of targets {TARGETS} and/or workloads "
@@ -730,6 +818,9 @@ def main() -> None:
     ap.add_argument("--soak", type=int, metavar="SECONDS", help="soak mode: constant load at 16 connections")
     ap.add_argument("--max-case-seconds", type=int, default=600, help="time ceiling of one load run")
     ap.add_argument("--startup-timeout", type=float, default=60.0, help="seconds to wait for Keystile readiness")
+    ap.add_argument("--wait-idle", type=float, default=20.0, metavar="SECONDS",
+                    help="before each measured run, wait up to this long for other load to drop under 10%% "
+                         "of a core (0 = do not wait)")
     ap.add_argument("--no-wrk", action="store_true", help="use bench/loadgen.py even if wrk is installed")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs, db)")
     args = ap.parse_args()
@@ -737,6 +828,8 @@ def main() -> None:
         args.requests, args.warmup, args.ttfb_requests = 1000, 200, 100
     if args.soak is not None and args.soak < 1:
         sys.exit("--soak needs a positive number of seconds")
+    if args.repeat < 1 or args.requests < 1 or args.warmup < 1 or args.ttfb_requests < 1:
+        sys.exit("--repeat, --requests, --warmup and --ttfb-requests must be at least 1")
 
     # SIGTERM/SIGHUP -> SystemExit, so the finally below still stops every child.
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -13,14 +13,16 @@ from aiohttp import web
 from keystore import open_keystore
 from policies import Context, Policy, build_chain
 
-from . import admin, ui
+from . import admin, explain, ui
 from .config import Config
 from .errors import BadRequest, NotFound, ProxyError, error_body, error_response
+from .errors import Forbidden
 from .errors import internal_error_response
 from .keys import KeyService
 from .relay import Relay
 from .router import Router
 from .state import AUTH, CHAIN, CONFIG, CONTEXT, KEYS, KEYSTORE, RELAY, ROUTER
+from .tracing import add_response_headers
 
 __all__ = ["create_app", "parse_body", "run_chain"]
 
@@ -110,6 +112,26 @@ async def list_models(request: web.Request) -> web.Response:
                         content_type="application/json")
 
 
+async def explain_route(request: web.Request) -> web.Response:
+    """A dry run of the chain for the request in the body; never forwards it."""
+    app = request.app
+    endpoint, ref, body = explain.split_body(parse_body(await request.read()))
+    subject = explain.Subject(request.headers)
+    if ref is not None:
+        # Only the master key may ask about someone else's key.
+        caller = Context("explain", request.headers)
+        request[CONTEXT] = caller
+        await app[AUTH].check(caller)
+        if not caller.is_master:
+            raise Forbidden("Only the master key may explain another key", param="key")
+        subject = await explain.name_key(app[KEYS], ref, request.headers)
+    ctx = explain.context(endpoint, body, subject)
+    if ref is None:
+        request[CONTEXT] = ctx
+    answer = await explain.explain(app[CHAIN], app[ROUTER], ctx, subject.described)
+    return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+
 async def liveliness(request: web.Request) -> web.Response:
     return web.Response(body=b'"I\'m alive!"', content_type="application/json")
 
@@ -136,7 +158,7 @@ async def not_found(request: web.Request) -> web.Response:
 def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app[CONFIG] = config
-    router = Router(config.deployments)
+    router = Router(config.deployments, config.router_settings)
     app[ROUTER] = router
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -154,7 +176,7 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
         app[KEYS] = KeyService(keystore)
         app[CHAIN] = build_chain(config, keystore, router)
         app[AUTH] = app[CHAIN][0]
-        app[RELAY] = Relay(session)
+        app[RELAY] = Relay(session, router)
         try:
             yield
         finally:
@@ -162,12 +184,14 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
             await keystore.close()
 
     app.cleanup_ctx.append(resources)
+    app.on_response_prepare.append(add_response_headers)
     for endpoint in ENDPOINTS:
         handler = _proxy_handler(endpoint)
         app.router.add_post(f"/{endpoint}", handler)
         app.router.add_post(f"/v1/{endpoint}", handler)
     for path in ("/models", "/v1/models"):
         app.router.add_get(path, list_models)
+    app.router.add_post("/route/explain", explain_route)
     app.router.add_get("/health/liveliness", liveliness)
     app.router.add_get("/health/readiness", readiness)
     admin.add_routes(app)

@@ -1,8 +1,9 @@
-"""``python proxy.py keys ...``: key management on the database file.
+"""``python proxy.py keys ...`` and ``explain``: commands on the database file.
 
-It works with or without a running proxy: it writes to the same SQLite
-file, and a running proxy notices the change within about a second.
-Exit codes: 0 done, 1 no such key, 2 bad input.
+They work with or without a running proxy: they use the same SQLite file,
+and a running proxy notices a change within about a second.
+Exit codes: 0 done, 1 no such key, 2 bad input, 3 (explain only) the
+explained request would be refused.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from typing import Any
 import orjson
 
 from keystore import KeyFilter, KeyRecord, KeystoreError, open_keystore
+from policies import build_chain
 
+from . import explain
 from .config import Config
 from .errors import BadRequest, NotFound, ProxyError
 from .keyfields import GENERATE_FIELDS, parse_duration, validate_fields
 from .keys import KeyService
+from .router import Router
 
 __all__ = ["add_commands", "run"]
 
@@ -85,8 +89,30 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         if action == "regenerate":
             parser.add_argument("--grace-period", help='old key keeps working, e.g. "1h"')
 
+    parser = commands.add_parser(
+        "explain", parents=[common],
+        help="dry-run the policy chain for a key and a request (no upstream call)",
+    )
+    parser.add_argument("--key", required=True, help="the key, its hash or its alias")
+    parser.add_argument("--model", help="the model the request names")
+    parser.add_argument("--user", help="the request's user param")
+    parser.add_argument("--endpoint", default="chat",
+                        help="chat (default), completions or embeddings")
+    parser.add_argument("--body", type=_json_object,
+                        help="more request body fields as a JSON object")
+    parser.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                        help="a request header, such as a param header; repeatable")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
 
 def run(args: argparse.Namespace, config: Config) -> int:
+    creating = args.command == "keys" and args.action == "create"
+    if not creating and not config.database_path.exists():
+        # Only creating a key may start a new file: anything else on a
+        # missing file is a mistyped path, not an empty keystore.
+        print(f"error: no database at {config.database_path} (check --db or "
+              "general_settings.database_url)", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(_run(args, config))
     except NotFound as exc:
@@ -108,6 +134,8 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
     keystore = await open_keystore(config.database_path)
     try:
         service = KeyService(keystore)
+        if args.command == "explain":
+            return await _explain(args, config, service)
         action = args.action
         if action == "create":
             raw, record = await service.generate(_fields(args))
@@ -176,3 +204,76 @@ def _show_list(args: argparse.Namespace, records: list[KeyRecord], total: int) -
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print(f"{len(records)} of {total} key(s)")
+
+
+def _request_body(args: argparse.Namespace) -> dict[str, Any]:
+    body = args.body if args.body is not None else {}
+    if not isinstance(body, dict):
+        raise BadRequest("--body must be a JSON object", param="body")
+    body = dict(body)
+    body.setdefault("endpoint", args.endpoint)
+    for name in ("model", "user"):
+        value = getattr(args, name)
+        if value is not None:
+            body[name] = value
+    return body
+
+
+def _headers(args: argparse.Namespace) -> dict[str, str]:
+    headers = {}
+    for header in args.header:
+        name, colon, value = header.partition(":")
+        if not colon or not name.strip():
+            raise BadRequest(f"--header must look like 'Name: value', got {header!r}")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+async def _explain(args: argparse.Namespace, config: Config, service: KeyService) -> int:
+    # The operator at the database file may explain any key, as the master may.
+    endpoint, _, body = explain.split_body(_request_body(args))
+    subject = await explain.name_key(service, args.key, _headers(args))
+    router = Router(config.deployments)
+    chain = build_chain(config, service.keystore, router)
+    ctx = explain.context(endpoint, body, subject)
+    answer = await explain.explain(chain, router, ctx, subject.described)
+    if args.json:
+        print(orjson.dumps(answer).decode())
+    else:
+        _show_explanation(answer)
+    return 0 if answer["allowed"] else 3
+
+
+def _show_explanation(answer: dict[str, Any]) -> None:
+    key = answer["key"]
+    if key is None:
+        who = "unknown"
+    elif key["account_type"] == "master":
+        who = "the master key"
+    else:
+        who = f"{key['key_alias'] or '-'}  {key['key_name']}  {key['account_type']}"
+    error = answer["error"]
+    deployment = answer["deployment"]
+    rows = [
+        ("key", who),
+        ("endpoint", f"POST /{answer['endpoint']}"),
+        ("allowed", "yes" if answer["allowed"] else f"no, refused by {answer['rejected_by']}"),
+        ("error", "-" if error is None else
+         f"{error['status']} {orjson.dumps(error['body']).decode()}"),
+        ("model_group", answer["model_group"] or "-"),
+        ("deployment", "-" if deployment is None else
+         f"{deployment['id']}  {deployment['provider']}/{deployment['model']}  "
+         f"{deployment['api_base'] or '(built in)'}"),
+        ("fallbacks", ", ".join(answer["fallbacks"]) or "-"),
+        ("cooling_down", ", ".join(answer["cooling_down"]) or "-"),
+    ]
+    for name, value in rows:
+        print(f"{name:<12}  {value}")
+    print()
+    checks = [("policy", "outcome", "reason")] + [
+        (check["policy"], check["outcome"].replace("_", " "), check["reason"])
+        for check in answer["checks"]
+    ]
+    widths = [max(len(row[i]) for row in checks) for i in range(2)]
+    for policy, outcome, reason in checks:
+        print(f"{policy:<{widths[0]}}  {outcome:<{widths[1]}}  {reason}")

@@ -22,6 +22,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "Deployment",
+    "RouterSettings",
+    "ROUTING_STRATEGIES",
     "load_config",
     "DEFAULT_DATABASE_URL",
 ]
@@ -30,7 +32,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DATABASE_URL = "sqlite:///keystile.db"
 DEFAULT_TIMEOUT = 600.0
-PROVIDERS = ("openai", "mock")
+PROVIDERS = ("openai", "azure", "mock")
+ROUTING_STRATEGIES = ("simple-shuffle", "least-busy", "latency-based-routing")
+# Azure deployment names and API versions go into a URL as they are.
+_URL_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
 _ENV_PREFIX = "os.environ/"
 
 
@@ -49,6 +54,49 @@ class Deployment:
     api_key: str | None = field(repr=False)
     timeout: float
     id: str
+    # Seconds to the first byte of a stream; the whole call still has ``timeout``.
+    stream_timeout: float = DEFAULT_TIMEOUT
+    weight: float | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    # Lower tiers are tried first; None is the tier after every numbered one.
+    order: int | None = None
+    api_version: str | None = None
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.model_name.endswith("*")
+
+    def url(self, endpoint: str) -> str:
+        if self.provider == "azure":
+            return (f"{self.api_base}/openai/deployments/{self.upstream_model}/"
+                    f"{endpoint}?api-version={self.api_version}")
+        return f"{self.api_base}/{endpoint}"
+
+    def auth_headers(self) -> dict[str, str]:
+        if not self.api_key:
+            return {}
+        if self.provider == "azure":
+            return {"api-key": self.api_key}
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSettings:
+    """How requests are spread over a model group's deployments and retried."""
+
+    routing_strategy: str = "simple-shuffle"
+    num_retries: int = 2
+    timeout: float = DEFAULT_TIMEOUT
+    retry_after_cap: float = 5.0
+    allowed_fails: int = 3
+    cooldown_time: float = 5.0
+    # group -> the groups to try after it, in order.
+    fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # public name -> model group.
+    model_group_alias: dict[str, str] = field(default_factory=dict)
+    # Aliases that work but are not listed by GET /models.
+    hidden_aliases: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +108,7 @@ class Config:
     enforced_params: tuple[str, ...]
     service_account_params: tuple[str, ...]
     param_headers: dict[str, str]
+    router_settings: RouterSettings = field(default_factory=RouterSettings)
 
     @property
     def model_names(self) -> list[str]:
@@ -80,6 +129,22 @@ _PARAMS = {
     "api_base": (str,),
     "api_key": (str,),
     "timeout": (int, float),
+    "stream_timeout": (int, float),
+    "api_version": (str,),
+    "weight": (int, float),
+    "rpm": (int,),
+    "tpm": (int,),
+    "order": (int,),
+}
+_ROUTER = {
+    "routing_strategy": (str,),
+    "num_retries": (int,),
+    "timeout": (int, float),
+    "retry_after_cap": (int, float),
+    "allowed_fails": (int,),
+    "cooldown_time": (int, float),
+    "fallbacks": (list,),
+    "model_group_alias": (dict,),
 }
 _MODEL_INFO = {"id": (str,)}
 _GENERAL = {
@@ -122,7 +187,7 @@ class _Reader:
             if not isinstance(item, types) or (
                 isinstance(item, bool) and bool not in types
             ):
-                expected = " or ".join(_TYPE_NAMES[t] for t in types)
+                expected = " or ".join(dict.fromkeys(_TYPE_NAMES[t] for t in types))
                 raise self.fail(key, f"must be {expected}, got {_kind(item)}")
             out[name] = item
         return out
@@ -181,7 +246,10 @@ def load_config(path: str | Path, database_override: str | None = None) -> Confi
     reader = _Reader(path)
     top = reader.section(data, "", _TOP)
     general = reader.section(top.get("general_settings"), "general_settings", _GENERAL)
-    deployments = _deployments(reader, top.get("model_list", []))
+    router = reader.section(top.get("router_settings"), "router_settings", _ROUTER)
+    router_timeout = _positive(reader, router, "timeout", "router_settings", DEFAULT_TIMEOUT)
+    deployments = _deployments(reader, top.get("model_list", []), router_timeout)
+    router_settings = _router_settings(reader, router, router_timeout, deployments)
 
     master_key = general.get("master_key")
     if master_key is not None and (
@@ -225,54 +293,182 @@ def load_config(path: str | Path, database_override: str | None = None) -> Confi
             "general_settings.service_account_settings.enforced_params",
         ),
         param_headers=param_headers,
+        router_settings=router_settings,
     )
 
 
-def _deployments(reader: _Reader, entries: list[Any]) -> tuple[Deployment, ...]:
-    out = []
+def _positive(
+    reader: _Reader, values: dict[str, Any], name: str, where: str, default: float
+) -> float:
+    value = float(values.get(name, default))
+    if value <= 0:
+        raise reader.fail(f"{where}.{name}", "must be positive")
+    return value
+
+
+def _not_negative(reader: _Reader, values: dict[str, Any], name: str, where: str) -> None:
+    if name in values and values[name] < 0:
+        raise reader.fail(f"{where}.{name}", "must not be negative")
+
+
+def _deployments(
+    reader: _Reader, entries: list[Any], default_timeout: float
+) -> tuple[Deployment, ...]:
+    out: list[Deployment] = []
+    ids: set[str] = set()
     for i, entry in enumerate(entries):
         where = f"model_list[{i}]"
         model = reader.section(entry, where, _MODEL)
         name = model.get("model_name")
         if not name or not name.strip():
             raise reader.fail(f"{where}.model_name", "is required")
-        params = reader.section(
-            model.get("litellm_params"), f"{where}.litellm_params", _PARAMS
-        )
+        name = name.strip()
+        if "*" in name[:-1]:
+            raise reader.fail(
+                f"{where}.model_name", "may only end with *, as in openai/*"
+            )
+        where_params = f"{where}.litellm_params"
+        params = reader.section(model.get("litellm_params"), where_params, _PARAMS)
         info = reader.section(model.get("model_info"), f"{where}.model_info", _MODEL_INFO)
         target = params.get("model", "")
         provider, _, upstream_model = target.partition("/")
         if provider not in PROVIDERS or not upstream_model:
             raise reader.fail(
-                f"{where}.litellm_params.model",
-                "must be openai/<model> (any OpenAI-compatible server) "
+                f"{where_params}.model",
+                "must be openai/<model> (any OpenAI-compatible server), "
+                "azure/<deployment> (Azure OpenAI) "
                 f"or mock/<name> (the built-in test model), got {target!r}",
+            )
+        if upstream_model.endswith("*") != name.endswith("*"):
+            raise reader.fail(
+                f"{where_params}.model",
+                "must end with * exactly when model_name does (openai/* for openai/*)",
             )
         api_base = params.get("api_base")
         if provider == "openai" and api_base is None:
             api_base = "https://api.openai.com/v1"
-        timeout = float(params.get("timeout", DEFAULT_TIMEOUT))
-        if timeout <= 0:
-            raise reader.fail(f"{where}.litellm_params.timeout", "must be positive")
-        deployment_id = info.get("id") or _derived_id(name, target, api_base)
+        api_version = params.get("api_version")
+        if provider == "azure":
+            _azure(reader, where_params, upstream_model, api_base, api_version)
+        timeout = _positive(reader, params, "timeout", where_params, default_timeout)
+        stream_timeout = _positive(reader, params, "stream_timeout", where_params, timeout)
+        for limit in ("weight", "rpm", "tpm"):
+            _not_negative(reader, params, limit, where_params)
+
+        deployment_id = info.get("id") or _derived_id(name, target, api_base, ids)
+        if deployment_id in ids:
+            raise reader.fail(
+                f"{where}.model_info.id", f"{deployment_id!r} is used twice"
+            )
+        ids.add(deployment_id)
+        weight = params.get("weight")
         out.append(
             Deployment(
-                model_name=name.strip(),
+                model_name=name,
                 provider=provider,
                 upstream_model=upstream_model,
                 api_base=api_base.rstrip("/") if api_base else None,
                 api_key=params.get("api_key"),
                 timeout=timeout,
                 id=deployment_id,
+                stream_timeout=stream_timeout,
+                weight=float(weight) if weight is not None else None,
+                rpm=params.get("rpm"),
+                tpm=params.get("tpm"),
+                order=params.get("order"),
+                api_version=api_version,
             )
         )
     return tuple(out)
 
 
-def _derived_id(name: str, target: str, api_base: str | None) -> str:
-    # Stable across restarts so that logs and headers can be compared.
-    digest = hashlib.sha256(f"{name}\0{target}\0{api_base}".encode()).hexdigest()
-    return digest[:12]
+def _azure(
+    reader: _Reader, where: str, name: str, api_base: str | None, api_version: str | None
+) -> None:
+    if api_base is None:
+        raise reader.fail(f"{where}.api_base",
+                          "is required for azure/ (https://<resource>.openai.azure.com)")
+    if api_version is None:
+        raise reader.fail(f"{where}.api_version",
+                          "is required for azure/ (such as 2024-06-01)")
+    for value, what in ((name, "model"), (api_version, "api_version")):
+        if not set(value) <= _URL_SAFE:
+            raise reader.fail(f"{where}.{what}",
+                              "may hold only letters, digits, '-', '_' and '.'")
+
+
+def _derived_id(name: str, target: str, api_base: str | None, taken: set[str]) -> str:
+    # Stable across restarts so that logs and headers can be compared; two
+    # identical entries get the next free id in file order.
+    seed = f"{name}\0{target}\0{api_base}"
+    for n in range(len(taken) + 1):
+        digest = hashlib.sha256(f"{seed}\0{n}".encode() if n else seed.encode())
+        candidate = digest.hexdigest()[:12]
+        if candidate not in taken:
+            return candidate
+    raise AssertionError("unreachable: one more seed than ids taken")
+
+
+def _router_settings(
+    reader: _Reader, values: dict[str, Any], timeout: float,
+    deployments: tuple[Deployment, ...],
+) -> RouterSettings:
+    where = "router_settings"
+    strategy = values.get("routing_strategy", "simple-shuffle")
+    if strategy not in ROUTING_STRATEGIES:
+        raise reader.fail(f"{where}.routing_strategy",
+                          f"must be one of {', '.join(ROUTING_STRATEGIES)}, got {strategy!r}")
+    for name in ("num_retries", "retry_after_cap", "cooldown_time"):
+        _not_negative(reader, values, name, where)
+    allowed_fails = values.get("allowed_fails", 3)
+    if allowed_fails < 1:
+        raise reader.fail(f"{where}.allowed_fails", "must be at least 1")
+    groups = {d.model_name for d in deployments}
+
+    aliases: dict[str, str] = {}
+    hidden: set[str] = set()
+    for alias, target in values.get("model_group_alias", {}).items():
+        key = f"{where}.model_group_alias.{alias}"
+        # LiteLLM's long form: {model: <group>, hidden: true}.
+        if isinstance(target, dict):
+            if target.get("hidden") is True:
+                hidden.add(str(alias))
+            target = target.get("model")
+        if not isinstance(target, str) or target not in groups:
+            raise reader.fail(key, f"must name a model group, got {target!r}")
+        aliases[str(alias)] = target
+
+    fallbacks: dict[str, tuple[str, ...]] = {}
+    for i, entry in enumerate(values.get("fallbacks", [])):
+        key = f"{where}.fallbacks[{i}]"
+        if not isinstance(entry, dict):
+            raise reader.fail(key, 'must be a mapping like {"gpt-4o": ["gpt-4o-mini"]}')
+        for group, targets in entry.items():
+            if group not in groups:
+                raise reader.fail(f"{key}.{group}", "is not a model group")
+            if not isinstance(targets, list):
+                targets = [targets]
+            for target in targets:
+                if not isinstance(target, str) or target not in groups or (
+                    target.endswith("*")
+                ):
+                    raise reader.fail(
+                        f"{key}.{group}",
+                        f"must list model groups without *, got {target!r}",
+                    )
+            fallbacks[group] = fallbacks.get(group, ()) + tuple(targets)
+
+    return RouterSettings(
+        routing_strategy=strategy,
+        num_retries=values.get("num_retries", 2),
+        timeout=timeout,
+        retry_after_cap=float(values.get("retry_after_cap", 5.0)),
+        allowed_fails=allowed_fails,
+        cooldown_time=float(values.get("cooldown_time", 5.0)),
+        fallbacks=fallbacks,
+        model_group_alias=aliases,
+        hidden_aliases=frozenset(hidden),
+    )
 
 
 def _database_path(reader: _Reader, url: str) -> Path:

@@ -12,6 +12,7 @@ from aiohttp.abc import AbstractAccessLogger
 from .app import create_app
 from .config import Config
 from .state import CONTEXT
+from .tracing import REQUEST_ID
 
 __all__ = ["AccessLogger", "start", "serve"]
 
@@ -24,7 +25,7 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         ctx = request.get(CONTEXT)
-        caller, group, deployment = "-", "-", "-"
+        caller, group, deployment, retries, fallback = "-", "-", "-", 0, "-"
         if ctx is not None:
             if ctx.is_master:
                 caller = "master"
@@ -32,11 +33,16 @@ class AccessLogger(AbstractAccessLogger):
                 caller = ctx.key.key_alias or ctx.key.key_name
             group = ctx.model_group or "-"
             deployment = ctx.deployment.id if ctx.deployment is not None else "-"
+            if ctx.route is not None:
+                retries = ctx.route.retries
+                fallback = ctx.route.fallback or "-"
         # The path only: a query string may carry a key (/key/info?key=).
         self.logger.info(
-            "%s %s %s %d %.1fms key=%s model=%s deployment=%s",
+            "%s %s %s %d %.1fms key=%s model=%s deployment=%s retries=%d "
+            "fallback=%s request_id=%s",
             request.remote, request.method, request.path, response.status,
-            time * 1000, caller, group, deployment,
+            time * 1000, caller, group, deployment, retries, fallback,
+            response.headers.get(REQUEST_ID, "-"),
         )
 
     @property
@@ -73,15 +79,17 @@ async def start(
 
 async def serve(config: Config, host: str, port: int) -> None:
     """Serve until SIGINT or SIGTERM, then shut down cleanly."""
+    # Handlers first: a signal that arrives while starting up still means
+    # a clean stop, not a kill.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     runner, bound = await start(config, host, port)
     logger.info(
         "Keystile listening on http://%s:%d models=%s database=%s",
         host, bound, ",".join(config.model_names) or "(none)", config.database_path,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
         logger.info("shutting down")

@@ -163,7 +163,7 @@ class SqliteKeystore:
         async with self._db.execute(f"SELECT COUNT(*) FROM keys{condition}", args) as cur:
             total = (await cur.fetchone() or (0,))[0]
         async with self._db.execute(
-            f"{_SELECT}{condition} ORDER BY created_at, token LIMIT ? OFFSET ?",
+            f"{_SELECT}{condition} ORDER BY created_at, rowid LIMIT ? OFFSET ?",
             [*args, limit, offset],
         ) as cursor:
             rows = await cursor.fetchall()
@@ -171,15 +171,13 @@ class SqliteKeystore:
 
     # -- writing -------------------------------------------------------
 
-    async def insert(self, record: KeyRecord) -> KeyRecord:
+    async def insert(self, record: KeyRecord) -> KeyRecord | None:
         values = _row(record)
         sql = (
             f"INSERT INTO keys ({', '.join(values)}) "
             f"VALUES ({', '.join('?' * len(values))})"
         )
-        async with self._lock:
-            await self._write([(sql, tuple(values.values()))])
-            return await self._refresh(record.token)
+        return await self._commit([(sql, tuple(values.values()))], refresh=record.token)
 
     async def update(self, token: str, changes: dict[str, Any]) -> KeyRecord | None:
         """Apply ``changes`` (KeyRecord field names) to one key; None if gone."""
@@ -187,38 +185,56 @@ class SqliteKeystore:
             return await self.find(token)
         values = _row(changes | {"updated_at": time.time()})
         assignments = ", ".join(f"{column} = ?" for column in values)
-        async with self._lock:
-            await self._write(
-                [(f"UPDATE keys SET {assignments} WHERE token = ?",
-                  (*values.values(), token))]
-            )
-            return await self._refresh(token)
+        return await self._commit(
+            [(f"UPDATE keys SET {assignments} WHERE token = ?", (*values.values(), token))],
+            refresh=token,
+        )
 
     async def rotate(
         self, token: str, new_token: str, new_name: str, grace_until: float | None
     ) -> KeyRecord | None:
         """Give a key a new secret; the old one works until ``grace_until``."""
-        async with self._lock:
-            await self._write(
-                [(
-                    "UPDATE keys SET token = ?, key_name = ?, grace_token = ?, "
-                    "grace_until = ?, updated_at = ? WHERE token = ?",
-                    (new_token, new_name, token if grace_until else None,
-                     to_iso(grace_until), to_iso(time.time()), token),
-                )]
-            )
-            self._forget(token)
-            return await self._refresh(new_token)
+        return await self._commit(
+            [(
+                "UPDATE keys SET token = ?, key_name = ?, grace_token = ?, "
+                "grace_until = ?, updated_at = ? WHERE token = ?",
+                (new_token, new_name, token if grace_until else None,
+                 to_iso(grace_until), to_iso(time.time()), token),
+            )],
+            forget=[token],
+            refresh=new_token,
+        )
 
     async def delete(self, tokens: Iterable[str]) -> int:
         tokens = list(tokens)
-        async with self._lock:
-            await self._write(
-                [("DELETE FROM keys WHERE token = ?", (token,)) for token in tokens]
-            )
-            for token in tokens:
-                self._forget(token)
+        await self._commit(
+            [("DELETE FROM keys WHERE token = ?", (token,)) for token in tokens],
+            forget=tokens,
+        )
         return len(tokens)
+
+    async def _commit(
+        self,
+        statements: list[tuple[str, tuple[Any, ...]]],
+        *,
+        forget: Iterable[str] = (),
+        refresh: str | None = None,
+    ) -> KeyRecord | None:
+        # Shielded: a client that hangs up (which cancels its handler) must
+        # never leave a change committed in SQLite but missing from memory.
+        return await asyncio.shield(self._commit_now(statements, forget, refresh))
+
+    async def _commit_now(
+        self,
+        statements: list[tuple[str, tuple[Any, ...]]],
+        forget: Iterable[str],
+        refresh: str | None,
+    ) -> KeyRecord | None:
+        async with self._lock:
+            await self._write(statements)
+            for token in forget:
+                self._forget(token)
+            return await self._refresh(refresh) if refresh is not None else None
 
     async def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         # All statements of one change commit together or not at all.

@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping
 
 from keystile.errors import Unauthenticated
-from keystore import Keystore, display_name, hash_key
+from keystore import KeyRecord, Keystore, display_name, hash_key
 from keystore.records import to_iso
 
 from .base import Context, Policy
@@ -49,6 +49,9 @@ class Authenticate(Policy):
         self._master = master_key.encode() if master_key else None
 
     async def check(self, ctx: Context) -> None:
+        if ctx.named_key is not None and ctx.dry_run:
+            self._admit(ctx, ctx.named_key, ctx.named_key.key_name, time.time())
+            return
         presented = credential(ctx.headers)
         if presented is None:
             raise Unauthenticated(
@@ -73,6 +76,10 @@ class Authenticate(Policy):
             record = None
         if record is None:
             raise Unauthenticated(f"Invalid API key {shown}", param="key")
+        self._admit(ctx, record, shown, now)
+
+    def _admit(self, ctx: Context, record: KeyRecord, shown: str, now: float) -> None:
+        """Let a known key through unless it is blocked or expired."""
         if record.blocked:
             raise Unauthenticated(f"API key {shown} is blocked", param="key")
         if record.expired(now):

@@ -36,11 +36,16 @@ class Context:
     model: str | None = None
     model_group: str | None = None
     deployment: Any = None
+    # Routing's record of this request's attempts (keystile.router.Attempts).
+    route: Any = None
     # Body fields the proxy must write before forwarding (name -> value,
     # dotted names for nested objects).
     body_changes: dict[str, Any] = field(default_factory=dict)
     # A dry run (an explanation) must not consume anything.
     dry_run: bool = False
+    # Only in a dry run: a key named by alias or digest, standing in for a
+    # credential the explanation does not have (only its digest is stored).
+    named_key: KeyRecord | None = None
     # Notes a policy leaves for an explanation of the outcome.
     notes: dict[str, str] = field(default_factory=dict)
 

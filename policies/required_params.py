@@ -52,6 +52,8 @@ class RequiredParams(Policy):
         key = ctx.key
         if key is None or ctx.body is None:
             # The master key is exempt, and so are routes without a body.
+            if ctx.is_master:
+                ctx.notes[self.name] = "the master key is exempt"
             return
         if key.is_service_account:
             self._require(ctx, self.service_account_params, " for service account")

@@ -3,6 +3,7 @@ upstream over real HTTP, and a fresh SQLite file per test."""
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -53,7 +54,8 @@ class Proxy:
         if json is not None:
             data = orjson.dumps(json)
             headers.setdefault("Content-Type", "application/json")
-        async with self.session.request(method, self.url + path, data=data,
+        payload = io.BytesIO(data) if data and len(data) > 1 << 20 else data
+        async with self.session.request(method, self.url + path, data=payload,
                                         headers=headers) as response:
             raw = await response.read()
             try:
@@ -108,6 +110,21 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
     fake = await FakeUpstream().start()
     yield fake
     await fake.stop()
+
+
+@pytest.fixture
+async def make_upstream() -> AsyncIterator[Callable[[], Awaitable[FakeUpstream]]]:
+    """More fake upstreams, one per deployment; all stopped at teardown."""
+    started: list[FakeUpstream] = []
+
+    async def make() -> FakeUpstream:
+        fake = await FakeUpstream().start()
+        started.append(fake)
+        return fake
+
+    yield make
+    for fake in started:
+        await fake.stop()
 
 
 MakeProxy = Callable[..., Awaitable[Proxy]]

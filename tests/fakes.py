@@ -37,7 +37,11 @@ class Script:
     chunks: list[bytes] | None = None  # raw SSE bytes for streams, sent as given
     chunk_delay: float = 0.0
     break_after: int | None = None  # drop the connection after this many chunks
+    stall_after: int | None = None  # after this many chunks, send nothing more
     stall: asyncio.Event | None = None  # wait for this before answering
+    hold_after: int | None = None  # after this many chunks, wait for `release`
+    release: asyncio.Event | None = None
+    split: int | None = None  # re-cut the stream's bytes into pieces of this size
 
 
 def completion(model: str, content: str = "Hello there, how may I assist you today?",
@@ -89,10 +93,19 @@ def sse_chunks(model: str, words: list[str], usage: bool = False) -> list[bytes]
 class FakeUpstream:
     def __init__(self) -> None:
         self.received: list[Received] = []
+        # Scripts for the next requests, one each, then ``cycle`` round and
+        # round (if set), then ``script`` for every request after that.
+        self.queue: list[Script] = []
+        self.cycle: list[Script] = []
         self.script = Script()
         self.url = ""
+        self._served = 0
+        # Set at stop: a stalled answer gives up, so shutdown never waits.
+        self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.request_seen = asyncio.Event()
+        # Set when a client of ours hung up in the middle of a stream.
+        self.disconnected = asyncio.Event()
 
     async def start(self) -> FakeUpstream:
         app = web.Application(client_max_size=256 * 1024 * 1024)
@@ -106,18 +119,38 @@ class FakeUpstream:
         return self
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _sleep(self, seconds: float) -> None:
+        # A delay ends early at stop, so that shutdown never waits for it.
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    def then(self, *scripts: Script) -> FakeUpstream:
+        self.queue.extend(scripts)
+        return self
+
+    def _next_script(self) -> Script:
+        if self.queue:
+            return self.queue.pop(0)
+        if self.cycle:
+            self._served += 1
+            return self.cycle[(self._served - 1) % len(self.cycle)]
+        return self.script
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(Received(request.path_qs, dict(request.headers), body))
         self.request_seen.set()
-        script = self.script
+        script = self._next_script()
         if script.stall is not None:
-            await script.stall.wait()
+            await _either(script.stall, self._stopping)
         if script.delay:
-            await asyncio.sleep(script.delay)
+            await self._sleep(script.delay)
         parsed = orjson.loads(body) if body else {}
         chunks = script.chunks
         if chunks is None and parsed.get("stream") is True and script.body is None:
@@ -128,12 +161,22 @@ class FakeUpstream:
                 status=200, headers={"Content-Type": "text/event-stream"} | script.headers
             )
             await response.prepare(request)
+            if script.split:
+                whole = b"".join(chunks)
+                chunks = [whole[i:i + script.split]
+                          for i in range(0, len(whole), script.split)]
             for i, chunk in enumerate(chunks):
+                if script.stall_after is not None and i == script.stall_after:
+                    await self._stopping.wait()
+                    return response
                 if script.break_after is not None and i == script.break_after:
                     assert request.transport is not None
                     request.transport.close()
                     return response
                 await response.write(chunk)
+                if script.hold_after is not None and i + 1 == script.hold_after:
+                    if not await self._hold(request, script):
+                        return response
                 if script.chunk_delay:
                     await asyncio.sleep(script.chunk_delay)
             await response.write_eof()
@@ -143,3 +186,23 @@ class FakeUpstream:
             payload = orjson.dumps(completion(parsed.get("model", "?")))
         return web.Response(status=script.status, body=payload,
                             content_type=script.content_type, headers=script.headers)
+
+    async def _hold(self, request: web.Request, script: Script) -> bool:
+        """Wait for the test's release; False if the client hung up first."""
+        assert script.release is not None
+        while not script.release.is_set():
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                self.disconnected.set()
+                return False
+            try:
+                await asyncio.wait_for(script.release.wait(), 0.02)
+            except asyncio.TimeoutError:
+                pass
+        return True
+
+async def _either(first: asyncio.Event, second: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
+    _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in pending:
+        waiter.cancel()

@@ -644,11 +644,21 @@
 
     if (answer.checks && answer.checks.length) {
       parts.push(h("h3", {}, "Checks"), h("ol", { class: "checks-list" },
-        answer.checks.map((check) => h("li", {},
-          h("strong", {}, POLICY_NAMES[check.policy] || check.policy), ": ",
-          String(check.outcome), check.reason ? " — " + check.reason : ""))));
+        answer.checks.map(checkItem)));
     }
     return parts;
+  }
+
+  // Each outcome has a word and a symbol, so it reads without colour.
+  function checkItem(check) {
+    const policy = h("strong", {}, POLICY_NAMES[check.policy] || check.policy);
+    const reason = check.reason ? String(check.reason) : "";
+    if (check.outcome === "not_run") {
+      return h("li", { class: "muted" }, policy, ": ○ " + (reason || "not run"));
+    }
+    const outcome = { passed: "✔ passed", rejected: "✖ refused" }[check.outcome] ||
+      String(check.outcome);
+    return h("li", {}, policy, ": " + outcome + (reason ? " — " + reason : ""));
   }
 
   function describe(item) {

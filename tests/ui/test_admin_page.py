@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import openai
 import pytest
 from playwright.async_api import Locator, Page, expect
-
-import keystile
 
 from ..conftest import MakeProxy, Proxy, base_config
 from ..fakes import FakeUpstream
@@ -17,13 +13,6 @@ from .browser import chromium, open_page, screenshot, scroll_width, sign_in
 
 HOSTILE_ALIAS = "<img src=x onerror=alert(1)>"
 
-# POST /route/explain comes with its own change to the proxy.  Until it is
-# in this tree the explain test must fail (strict xfail); once the route
-# exists the marker no longer applies and the test must pass.
-EXPLAIN_ROUTE = any(
-    '"/route/explain"' in path.read_text(encoding="utf-8")
-    for path in Path(keystile.__file__).parent.glob("*.py")
-)
 
 
 def row(page: Page, alias: str) -> Locator:
@@ -134,8 +123,6 @@ async def test_seed_flow_on_the_page(make_proxy: MakeProxy, upstream: FakeUpstre
         assert watch.alerts == []
 
 
-@pytest.mark.xfail(not EXPLAIN_ROUTE, strict=True,
-                   reason="POST /route/explain is not in this tree yet")
 async def test_test_button_explains_allowed_and_refused(
     make_proxy: MakeProxy, upstream: FakeUpstream
 ) -> None:
