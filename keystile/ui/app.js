@@ -182,9 +182,10 @@
       h("label", {}, h("input", { type: "checkbox", name: "models", value: model }), model)
     ));
     $("durations-help").textContent = durationText();
-    $("test-model").replaceChildren(...settings.models.map((model) =>
-      h("option", { value: model }, model)
-    ));
+    // A wildcard group's name is a pattern, not a model a client sends.
+    const sendable = settings.models.filter((model) => !model.endsWith("*"));
+    $("test-models").replaceChildren(...sendable.map((model) => h("option", { value: model })));
+    $("test-model").value = sendable[0] || "";
 
     const sizes = $("filter-size");
     for (const option of [...sizes.options]) {
@@ -560,9 +561,8 @@
   function openTest(key) {
     state.testing = key;
     $("test-key-name").textContent = keyLabel(key) + " (" + key.key_name + ")";
-    if (key.models.length && state.settings.models.includes(key.models[0])) {
-      $("test-model").value = key.models[0];
-    }
+    const own = key.models.find((model) => !model.endsWith("*"));
+    if (own) $("test-model").value = own;
     $("test-result").replaceChildren();
     $("test-dialog").showModal();
   }
