@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from keystore import KeyFilter, KeyRecord
+from keystore.records import to_iso
 from policies import Context
 
 from .errors import BadRequest, Forbidden
@@ -24,9 +25,9 @@ from .keyfields import (
     validate_fields,
 )
 from .keys import MAX_PAGE_SIZE
-from .state import AUTH, CONFIG, CONTEXT, KEYS, ROUTER
+from .state import AUTH, CONFIG, CONTEXT, KEYS, KEYSTORE, ROUTER
 
-__all__ = ["add_routes", "caller"]
+__all__ = ["add_routes", "caller", "require_master"]
 
 
 def _json(payload: Any) -> web.Response:
@@ -41,7 +42,7 @@ async def caller(request: web.Request) -> Context:
     return ctx
 
 
-async def _require_master(request: web.Request) -> None:
+async def require_master(request: web.Request) -> None:
     if request.app[CONFIG].master_key is None:
         raise Forbidden(
             "No master key is configured: set general_settings.master_key "
@@ -71,14 +72,14 @@ def _created(raw: str, record: KeyRecord) -> dict[str, Any]:
 
 
 async def generate(request: web.Request) -> web.Response:
-    await _require_master(request)
+    await require_master(request)
     fields = validate_fields(await _body(request), GENERATE_FIELDS)
     raw, record = await request.app[KEYS].generate(fields)
     return _json(_created(raw, record))
 
 
 async def generate_service_account(request: web.Request) -> web.Response:
-    await _require_master(request)
+    await require_master(request)
     fields = validate_fields(await _body(request), GENERATE_FIELDS)
     raw, record = await request.app[KEYS].generate(fields, service_account=True)
     return _json(_created(raw, record))
@@ -96,7 +97,33 @@ async def info(request: web.Request) -> web.Response:
         record = await request.app[KEYS].lookup(ref)
         if not ctx.is_master and (ctx.key is None or ctx.key.token != record.token):
             raise Forbidden("A virtual key may only read its own /key/info")
-    return _json({"key": record.token, "info": record.public()})
+    return _json({"key": record.token, "info": await _with_usage(request, record)})
+
+
+async def _with_usage(request: web.Request, record: KeyRecord) -> dict[str, Any]:
+    """The key as stored, with spend still queued and its current limit usage."""
+    keystore = request.app[KEYSTORE]
+    # The cached record is the freshest: the caller's copy may predate a change.
+    record = keystore.cached(record.token) or record
+    spend, reset_at = await keystore.spend(record)
+    public = record.public()
+    public["spend"] = spend
+    public["budget_reset_at"] = to_iso(reset_at)
+    usage = await keystore.counters.usage(record)
+    limits = {}
+    for name, limit, used in (
+        ("rpm_limit", record.rpm_limit, usage["requests_last_minute"]),
+        ("tpm_limit", record.tpm_limit, usage["tokens_last_minute"]),
+        ("max_parallel_requests", record.max_parallel_requests,
+         usage["requests_in_flight"]),
+    ):
+        remaining = None if limit is None else max(0, limit - used)
+        limits[name] = {"limit": limit, "used": used, "remaining": remaining}
+    public["limit_usage"] = limits
+    public["budget_remaining"] = (
+        None if record.max_budget is None else max(0.0, record.max_budget - spend)
+    )
+    return public
 
 
 def _int_query(request: web.Request, name: str, default: int) -> int:
@@ -113,7 +140,7 @@ def _int_query(request: web.Request, name: str, default: int) -> int:
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    await _require_master(request)
+    await require_master(request)
     query = request.query
     account_type = query.get("account_type")
     if account_type is not None and account_type not in ("user", "service_account"):
@@ -138,7 +165,7 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def update(request: web.Request) -> web.Response:
-    await _require_master(request)
+    await require_master(request)
     body = await _body(request)
     if "key" not in body:
         raise BadRequest("Name the key to update: {\"key\": <key, hash or alias>}",
@@ -150,7 +177,7 @@ async def update(request: web.Request) -> web.Response:
 
 
 async def delete(request: web.Request) -> web.Response:
-    await _require_master(request)
+    await require_master(request)
     body = await _body(request)
     unknown = sorted(set(body) - {"keys", "key_aliases"})
     if unknown:
@@ -168,7 +195,7 @@ async def delete(request: web.Request) -> web.Response:
 
 
 async def _set_blocked(request: web.Request, blocked: bool) -> web.Response:
-    await _require_master(request)
+    await require_master(request)
     body = await _body(request)
     unknown = sorted(set(body) - {"key"})
     if unknown:
@@ -186,7 +213,7 @@ async def unblock(request: web.Request) -> web.Response:
 
 
 async def regenerate(request: web.Request) -> web.Response:
-    await _require_master(request)
+    await require_master(request)
     body = await _body(request)
     unknown = sorted(set(body) - {"key", "grace_period"})
     if unknown:
@@ -199,7 +226,7 @@ async def regenerate(request: web.Request) -> web.Response:
 
 async def settings(request: web.Request) -> web.Response:
     """What an admin client needs to offer valid choices (the admin page)."""
-    await _require_master(request)
+    await require_master(request)
     config = request.app[CONFIG]
     return _json({
         "models": list(request.app[ROUTER].groups),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -13,7 +14,7 @@ from aiohttp import web
 from keystore import open_keystore
 from policies import Context, Policy, build_chain
 
-from . import admin, explain, ui
+from . import admin, explain, spend, ui
 from .config import Config
 from .errors import BadRequest, NotFound, ProxyError, error_body, error_response
 from .errors import Forbidden
@@ -23,6 +24,7 @@ from .relay import Relay
 from .router import Router
 from .state import AUTH, CHAIN, CONFIG, CONTEXT, KEYS, KEYSTORE, RELAY, ROUTER
 from .tracing import add_response_headers
+from .usage import CLIENT_GONE, METER, Meter, record
 
 __all__ = ["create_app", "parse_body", "run_chain"]
 
@@ -92,13 +94,46 @@ async def run_chain(chain: list[Policy], ctx: Context) -> None:
 def _proxy_handler(endpoint: str) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         app = request.app
+        meter = Meter()
         raw = await request.read()
         ctx = Context(endpoint, request.headers, parse_body(raw), raw)
         request[CONTEXT] = ctx
-        await run_chain(app[CHAIN], ctx)
-        return await app[RELAY].forward(request, ctx)
+        status = 500
+        try:
+            await run_chain(app[CHAIN], ctx)
+            meter.prepare(ctx)
+            request[METER] = meter
+            response = await app[RELAY].forward(request, ctx)
+            status = CLIENT_GONE if meter.client_gone else response.status
+            if isinstance(response, web.Response) and isinstance(response.body, bytes) and (
+                status < 400
+            ):
+                meter.body(response.body)
+            return response
+        except ProxyError as error:
+            status = error.status
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = CLIENT_GONE
+            raise
+        finally:
+            # Runs on every outcome, a client hanging up included: the
+            # parallel slot is given back and the request is in the ledger.
+            keystore = app[KEYSTORE]
+            if ctx.admission is not None:
+                await keystore.counters.release(ctx.admission)
+            if ctx.key is not None or ctx.is_master:
+                await record(keystore, ctx, meter, status)
 
     return handle
+
+
+async def _limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # Every response to a key with limits says where they stand, streams
+    # and errors included; this runs just before the headers go out.
+    ctx = request.get(CONTEXT)
+    if ctx is not None and ctx.response_headers:
+        response.headers.update(ctx.response_headers)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -164,6 +199,7 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
     async def resources(app: web.Application) -> AsyncIterator[None]:
         keystore = await open_keystore(config.database_path)
         keystore.start_watching(reload_interval)
+        keystore.start_writing(config.batch_write_interval)
         # One pool for every upstream; connections are kept alive between
         # requests, which is most of what a proxy can save per call.
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
@@ -185,6 +221,7 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
 
     app.cleanup_ctx.append(resources)
     app.on_response_prepare.append(add_response_headers)
+    app.on_response_prepare.append(_limit_headers)
     for endpoint in ENDPOINTS:
         handler = _proxy_handler(endpoint)
         app.router.add_post(f"/{endpoint}", handler)
@@ -195,5 +232,6 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
     app.router.add_get("/health/liveliness", liveliness)
     app.router.add_get("/health/readiness", readiness)
     admin.add_routes(app)
+    spend.add_routes(app)
     ui.add_routes(app)
     return app

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DATABASE_URL = "sqlite:///keystile.db"
 DEFAULT_TIMEOUT = 600.0
+# Usage and spend reach SQLite this often; a crash loses at most this window.
+DEFAULT_BATCH_WRITE = 0.1
 PROVIDERS = ("openai", "azure", "mock")
 ROUTING_STRATEGIES = ("simple-shuffle", "least-busy", "latency-based-routing")
 # Azure deployment names and API versions go into a URL as they are.
@@ -62,6 +64,11 @@ class Deployment:
     # Lower tiers are tried first; None is the tier after every numbered one.
     order: int | None = None
     api_version: str | None = None
+    # Prices per token from model_info; zero when not configured.
+    input_cost_per_token: float = 0.0
+    output_cost_per_token: float = 0.0
+    # False for servers that reject stream_options.include_usage.
+    stream_usage: bool = True
 
     @property
     def is_wildcard(self) -> bool:
@@ -109,6 +116,7 @@ class Config:
     service_account_params: tuple[str, ...]
     param_headers: dict[str, str]
     router_settings: RouterSettings = field(default_factory=RouterSettings)
+    batch_write_interval: float = DEFAULT_BATCH_WRITE
 
     @property
     def model_names(self) -> list[str]:
@@ -135,6 +143,7 @@ _PARAMS = {
     "rpm": (int,),
     "tpm": (int,),
     "order": (int,),
+    "stream_usage": (bool,),
 }
 _ROUTER = {
     "routing_strategy": (str,),
@@ -146,12 +155,17 @@ _ROUTER = {
     "fallbacks": (list,),
     "model_group_alias": (dict,),
 }
-_MODEL_INFO = {"id": (str,)}
-_GENERAL = {
+_MODEL_INFO: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "input_cost_per_token": (int, float),
+    "output_cost_per_token": (int, float),
+}
+_GENERAL: dict[str, tuple[type, ...]] = {
     "master_key": (str,),
     "database_url": (str,),
     "enforced_params": (list,),
     "service_account_settings": (dict,),
+    "proxy_batch_write_at": (int, float),
 }
 _SERVICE_ACCOUNT = {"enforced_params": (list,), "param_headers": (dict,)}
 
@@ -273,6 +287,10 @@ def load_config(path: str | Path, database_override: str | None = None) -> Confi
             raise reader.fail(f"{where}.{param}", "must be a header name")
         param_headers[str(param)] = header.strip().lower()
 
+    batch_write = float(general.get("proxy_batch_write_at", DEFAULT_BATCH_WRITE))
+    if batch_write <= 0:
+        raise reader.fail("general_settings.proxy_batch_write_at", "must be positive")
+
     if database_override is not None:
         database_path = Path(database_override)
     else:
@@ -294,6 +312,7 @@ def load_config(path: str | Path, database_override: str | None = None) -> Confi
         ),
         param_headers=param_headers,
         router_settings=router_settings,
+        batch_write_interval=batch_write,
     )
 
 
@@ -361,6 +380,11 @@ def _deployments(
                 f"{where}.model_info.id", f"{deployment_id!r} is used twice"
             )
         ids.add(deployment_id)
+        prices = {}
+        for price in ("input_cost_per_token", "output_cost_per_token"):
+            prices[price] = float(info.get(price, 0))
+            if prices[price] < 0:
+                raise reader.fail(f"{where}.model_info.{price}", "must be 0 or more")
         weight = params.get("weight")
         out.append(
             Deployment(
@@ -377,6 +401,8 @@ def _deployments(
                 tpm=params.get("tpm"),
                 order=params.get("order"),
                 api_version=api_version,
+                stream_usage=params.get("stream_usage", True),
+                **prices,
             )
         )
     return tuple(out)

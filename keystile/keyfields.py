@@ -6,18 +6,15 @@ that names the field, so an operator knows what to fix.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from keystore.records import ACCOUNT_TYPES
+from keystore.records import ACCOUNT_TYPES, DURATION_UNITS, duration_seconds
 
 from .errors import BadRequest
 
 __all__ = ["GENERATE_FIELDS", "UPDATE_FIELDS", "parse_duration", "validate_fields",
            "DURATION_UNITS"]
 
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"(\d{1,9})([smhd])")
 
 GENERATE_FIELDS = frozenset({
     "key", "key_alias", "user_id", "team_id", "models", "aliases", "metadata",
@@ -29,13 +26,13 @@ UPDATE_FIELDS = GENERATE_FIELDS  # "key" names the key to change in an update
 
 def parse_duration(value: Any, field: str) -> int:
     """Seconds in a duration such as "30s", "15m", "12h" or "30d"."""
-    match = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
-    if match is None or int(match.group(1)) == 0:
+    seconds = duration_seconds(value) if isinstance(value, str) else None
+    if seconds is None:
         raise BadRequest(
             f"{field} must be a duration such as \"30s\", \"15m\", \"12h\" or \"30d\"",
             param=field,
         )
-    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+    return seconds
 
 
 def _string(body: dict[str, Any], field: str) -> str | None:

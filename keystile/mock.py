@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from .config import Deployment
+from .usage import METER
 
 __all__ = ["mock_response"]
 
@@ -124,6 +125,14 @@ async def _stream(
         "X-Accel-Buffering": "no",
     })
     await response.prepare(request)
+    meter = request.get(METER)
+
+    async def send(event: bytes) -> None:
+        # The same metering a relayed stream gets.
+        events = meter.events([event]) if meter is not None else [event]
+        if events:
+            await response.write(events[0])
+
     created = int(time.time())
     chat = endpoint != "completions"
     stream_id = _id("chatcmpl-" if chat else "cmpl-", raw_body)
@@ -140,7 +149,7 @@ async def _stream(
         else:
             choice = {"index": 0, "text": piece or "", "logprobs": None,
                       "finish_reason": finish}
-        await response.write(_event({
+        await send(_event({
             "id": stream_id,
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created,
@@ -150,7 +159,7 @@ async def _stream(
         }))
     options = body.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
-        await response.write(_event({
+        await send(_event({
             "id": stream_id,
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created,

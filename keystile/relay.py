@@ -33,6 +33,7 @@ from .errors import ProxyError, UpstreamFailed, UpstreamTimedOut, error_body
 from .mock import mock_response
 from .router import Attempts, Router
 from .sse import EventSplitter
+from .usage import METER, STREAM_USAGE_OPTION, Meter
 
 __all__ = ["Relay", "RETRYABLE"]
 
@@ -182,7 +183,8 @@ class Relay:
             if upstream.status >= 400:
                 return await _relay_error(upstream, group, deployment)
             if not stream:
-                return await self._relay_whole(upstream, group, deployment, seconds)
+                return await self._relay_whole(upstream, group, deployment, seconds,
+                                               request.get(METER))
             if not _is_sse(upstream):
                 raise UpstreamFailed(
                     f"The upstream for {group!r} answered a stream request with "
@@ -199,7 +201,7 @@ class Relay:
 
     async def _relay_whole(
         self, upstream: aiohttp.ClientResponse, group: str | None,
-        deployment: Deployment, seconds: float,
+        deployment: Deployment, seconds: float, meter: Meter | None,
     ) -> web.Response:
         body = await _read(upstream, group, None)
         try:
@@ -217,6 +219,8 @@ class Relay:
             tokens = usage.get("total_tokens")
             if isinstance(tokens, int):
                 self.router.state.add_tokens(deployment, tokens)
+        if meter is not None:
+            meter.answer(parsed)
         return web.Response(status=upstream.status, body=body, headers=_kept_headers(upstream))
 
     async def _relay_stream(
@@ -224,11 +228,25 @@ class Relay:
         first: bytes,
     ) -> web.StreamResponse:
         """Relay event by event; the first bytes have arrived, so nothing is retried."""
-        group = ctx.model_group
         response = web.StreamResponse(status=upstream.status, headers=_STREAM_HEADERS)
         await response.prepare(request)
         splitter = EventSplitter()
-        chunk = first
+        meter = request.get(METER)
+        try:
+            await self._relay_events(upstream, ctx, response, splitter, meter, first)
+        except ConnectionResetError:
+            # The client hung up: nobody is left to tell, and the ledger
+            # records the request as abandoned.
+            if meter is not None:
+                meter.client_gone = True
+        return response
+
+    async def _relay_events(
+        self, upstream: aiohttp.ClientResponse, ctx: Context,
+        response: web.StreamResponse, splitter: EventSplitter, meter: Meter | None,
+        chunk: bytes,
+    ) -> None:
+        group = ctx.model_group
         last: bytes | None = None  # the upstream's [DONE] or its own error event
         error: ProxyError | None = None
         while chunk:
@@ -240,6 +258,8 @@ class Relay:
                     del events[i + 1:]
                     last = event
                     break
+            if events and meter is not None:
+                events = meter.events(events)
             if events:
                 await response.write(b"".join(events))
             if last is not None:
@@ -256,6 +276,8 @@ class Relay:
                 # The upstream closed without the blank line after its last
                 # event; end it so that the client parses it.
                 rest = rest.rstrip(b"\r\n") + b"\n\n"
+                if meter is not None:
+                    meter.events([rest])
                 await response.write(rest)
                 if rest.startswith(_DONE) or rest.startswith(_ERROR_EVENT):
                     last = rest
@@ -272,7 +294,6 @@ class Relay:
                 + b"\n\n"
             )
         await response.write_eof()
-        return response
 
 
 def _is_sse(upstream: aiohttp.ClientResponse) -> bool:
@@ -320,6 +341,9 @@ def _forwarded_body(ctx: Context, deployment: Deployment) -> dict[str, Any]:
     body = dict(ctx.body)
     body["model"] = deployment.upstream_model
     for path, value in ctx.body_changes.items():
+        if path == STREAM_USAGE_OPTION and not deployment.stream_usage:
+            # A retry or fallback may reach a server that rejects the option.
+            continue
         _set_path(body, path, value)
     return body
 

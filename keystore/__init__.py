@@ -1,21 +1,36 @@
-"""Storage of virtual keys.  The only package that speaks SQL."""
+"""Storage of virtual keys, usage and spend, and the rate-limit counters.
+
+The only package that speaks SQL."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .base import AliasTaken, KeyConflict, KeyFilter, Keystore, KeystoreError
-from .records import KeyRecord, display_name, hash_key, looks_like_hash, new_key
+from .base import (
+    Admission,
+    AliasTaken,
+    Counters,
+    KeyConflict,
+    KeyFilter,
+    Keystore,
+    KeystoreError,
+    UsageFilter,
+)
+from .records import KeyRecord, UsageRow, display_name, hash_key, looks_like_hash, new_key
 from .sqlite import SqliteKeystore
 
 __all__ = [
+    "Admission",
     "AliasTaken",
+    "Counters",
     "KeyConflict",
     "KeyFilter",
     "KeyRecord",
     "Keystore",
     "KeystoreError",
     "SqliteKeystore",
+    "UsageFilter",
+    "UsageRow",
     "display_name",
     "hash_key",
     "looks_like_hash",

@@ -11,9 +11,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .records import KeyRecord
+from .records import KeyRecord, UsageRow
 
-__all__ = ["Keystore", "KeyFilter", "KeystoreError", "AliasTaken", "KeyConflict"]
+__all__ = [
+    "Keystore",
+    "KeyFilter",
+    "KeystoreError",
+    "AliasTaken",
+    "KeyConflict",
+    "Admission",
+    "Counters",
+    "UsageFilter",
+]
 
 
 class KeystoreError(Exception):
@@ -36,7 +45,51 @@ class KeyFilter:
     team_id: str | None = None
 
 
+@dataclass(slots=True)
+class Admission:
+    """The answer of a rate-limit check.
+
+    ``refused`` names the limit that said no (None: admitted); ``headers``
+    are the ``x-ratelimit-*`` headers (and ``Retry-After`` on a refusal);
+    ``handle`` is what ``Counters.release`` gives back, if anything was taken.
+    """
+
+    refused: str | None
+    message: str
+    retry_after: int
+    headers: dict[str, str]
+    handle: Any = None
+
+
+class Counters(Protocol):
+    """Per-key rate-limit counters (in memory today, Redis for replicas)."""
+
+    async def admit(self, key: KeyRecord, *, reserve: bool = True) -> Admission:
+        """Check rpm, tpm and parallel limits; count the request only if all pass."""
+
+    async def release(self, admission: Admission) -> None:
+        """End the request an admission counted as in flight."""
+
+    async def add_tokens(self, key: KeyRecord, tokens: int) -> None: ...
+
+    async def usage(self, key: KeyRecord) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class UsageFilter:
+    key_hash: str | None = None
+    key_alias: str | None = None
+    end_user: str | None = None
+    model_group: str | None = None
+    start: float | None = None  # inclusive, Unix seconds
+    end: float | None = None  # exclusive
+
+
 class Keystore(Protocol):
+    @property
+    def counters(self) -> Counters:
+        """The rate-limit counters that go with this storage."""
+
     def cached(self, token: str) -> KeyRecord | None:
         """The key with this digest if memory holds it; never waits."""
 
@@ -62,6 +115,28 @@ class Keystore(Protocol):
 
     async def ping(self) -> None: ...
 
+    def record_usage(self, row: UsageRow, key: KeyRecord | None) -> None:
+        """Queue a ledger row and add its cost to the key's spend; never waits.
+
+        The row and the spend reach storage together, in the next batch.
+        """
+
+    async def spend(self, key: KeyRecord) -> tuple[float, float | None]:
+        """The key's spend in its current budget period, counting what is
+        still queued, and the end of that period."""
+
+    async def flush(self) -> None:
+        """Write everything queued so far before returning."""
+
+    async def usage_logs(
+        self, where: UsageFilter, offset: int, limit: int
+    ) -> tuple[list[dict[str, Any]], int]: ...
+
+    async def usage_report(self, group_by: str, where: UsageFilter) -> list[dict[str, Any]]: ...
+
     def start_watching(self, interval: float = 1.0) -> None: ...
+
+    def start_writing(self, interval: float = 0.1) -> None:
+        """Start the background writer of queued usage and spend."""
 
     async def close(self) -> None: ...

@@ -24,10 +24,22 @@ __all__ = [
     "to_iso",
     "from_iso",
     "replace",
+    "duration_seconds",
+    "UsageRow",
 ]
 
 ACCOUNT_TYPES = ("user", "service_account")
 _HASH = re.compile(r"[0-9a-f]{64}")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d{1,9})([smhd])")
+
+
+def duration_seconds(text: str) -> int | None:
+    """Seconds in a duration such as "30s", "15m", "12h" or "30d"; None if not one."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None or int(match.group(1)) == 0:
+        return None
+    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
 
 
 def new_key() -> str:
@@ -100,6 +112,28 @@ class KeyRecord:
     def expired(self, now: float | None = None) -> bool:
         return self.expires_at is not None and (now or time.time()) >= self.expires_at
 
+    @property
+    def has_limits(self) -> bool:
+        """Whether any rate limit or budget applies to this key."""
+        return not (
+            self.rpm_limit is None and self.tpm_limit is None
+            and self.max_parallel_requests is None and self.max_budget is None
+        )
+
+    def next_budget_reset(self, reset_at: float | None, now: float) -> float | None:
+        """The end of the budget period ``now`` falls in, when ``reset_at`` has passed.
+
+        None while the current period lasts (or for a key without a period).
+        Periods keep their phase: a key idle for three periods resets to the
+        end of the one ``now`` is in, not to ``now`` plus one period.
+        """
+        if reset_at is None or now < reset_at or self.budget_duration is None:
+            return None
+        period = duration_seconds(self.budget_duration)
+        if period is None:
+            return None
+        return reset_at + period * (int((now - reset_at) // period) + 1)
+
     def public(self) -> dict[str, Any]:
         """The key as the admin API shows it: never a secret, only the digest."""
         return {
@@ -126,3 +160,24 @@ class KeyRecord:
             "spend": self.spend,
             "grace_until": to_iso(self.grace_until),
         }
+
+
+@dataclass(slots=True)
+class UsageRow:
+    """One request in the usage ledger, as the proxy measured it."""
+
+    time: float  # when the request arrived (Unix seconds)
+    key_hash: str | None  # None for the master key
+    key_alias: str | None
+    account_type: str  # "user", "service_account" or "master"
+    end_user: str | None
+    endpoint: str
+    model_group: str | None
+    deployment_id: str | None
+    status: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    latency_ms: float = 0.0
+    ttfb_ms: float | None = None
+    estimated: bool = False

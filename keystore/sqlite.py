@@ -1,5 +1,8 @@
 """The SQLite keystore: one file, one long-lived connection, keys in memory.
 
+Rate-limit counters live in this process's memory (``counters``), and
+usage and spend are written behind the requests by ``ledger``.
+
 Authentication must not wait on disk, so every key is held in memory by
 digest and SQLite is asked only on a miss.  Writes made through this object
 update memory after they commit, before the caller answers.  Writes made by
@@ -22,14 +25,16 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from .base import AliasTaken, KeyConflict, KeyFilter
-from .records import KeyRecord, from_iso, to_iso
+from .base import AliasTaken, KeyConflict, KeyFilter, UsageFilter
+from .counters import MemoryCounters
+from .ledger import UsageLedger
+from .records import KeyRecord, UsageRow, from_iso, to_iso
 
 __all__ = ["SqliteKeystore", "SCHEMA_VERSION"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _COLUMNS = (
     "token", "key_name", "key_alias", "account_type", "models", "metadata",
     "created_at", "blocked", "expires_at", "user_id", "team_id", "aliases",
@@ -54,6 +59,11 @@ class SqliteKeystore:
         self._lock = asyncio.Lock()
         self._data_version = 0
         self._watcher: asyncio.Task[None] | None = None
+        self.counters = MemoryCounters()
+        self.ledger = UsageLedger(
+            connection, self._lock, self.cached, self._remember,
+            lambda: self._by_token.values(),
+        )
 
     # -- opening and closing -------------------------------------------
 
@@ -77,7 +87,14 @@ class SqliteKeystore:
 
     async def close(self) -> None:
         await self.stop_watching()
-        await self._db.close()
+        try:
+            await self.ledger.close()
+        finally:
+            await self._db.close()
+
+    def start_writing(self, interval: float = 0.1) -> None:
+        """Write queued usage and spend every ``interval`` seconds from now on."""
+        self.ledger.start(interval)
 
     def start_watching(self, interval: float = 1.0) -> None:
         """Pick up changes made by other processes within ``interval`` seconds."""
@@ -122,6 +139,25 @@ class SqliteKeystore:
     async def ping(self) -> None:
         async with self._db.execute("SELECT 1") as cursor:
             await cursor.fetchone()
+
+    # -- usage and spend (write-behind; see ledger.py) -------------------
+
+    def record_usage(self, row: UsageRow, key: KeyRecord | None) -> None:
+        self.ledger.record(row, key)
+
+    async def spend(self, key: KeyRecord) -> tuple[float, float | None]:
+        return self.ledger.spend(key)
+
+    async def flush(self) -> None:
+        await self.ledger.flush()
+
+    async def usage_logs(
+        self, where: UsageFilter, offset: int, limit: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        return await self.ledger.logs(where, offset, limit)
+
+    async def usage_report(self, group_by: str, where: UsageFilter) -> list[dict[str, Any]]:
+        return await self.ledger.report(group_by, where)
 
     # -- reading -------------------------------------------------------
 
@@ -203,6 +239,7 @@ class SqliteKeystore:
             )],
             forget=[token],
             refresh=new_token,
+            renamed=(token, new_token),
         )
 
     async def delete(self, tokens: Iterable[str]) -> int:
@@ -219,21 +256,27 @@ class SqliteKeystore:
         *,
         forget: Iterable[str] = (),
         refresh: str | None = None,
+        renamed: tuple[str, str] | None = None,
     ) -> KeyRecord | None:
         # Shielded: a client that hangs up (which cancels its handler) must
         # never leave a change committed in SQLite but missing from memory.
-        return await asyncio.shield(self._commit_now(statements, forget, refresh))
+        return await asyncio.shield(self._commit_now(statements, forget, refresh, renamed))
 
     async def _commit_now(
         self,
         statements: list[tuple[str, tuple[Any, ...]]],
         forget: Iterable[str],
         refresh: str | None,
+        renamed: tuple[str, str] | None,
     ) -> KeyRecord | None:
         async with self._lock:
             await self._write(statements)
             for token in forget:
                 self._forget(token)
+            if renamed is not None:
+                # Counters and queued spend follow the key to its new digest.
+                self.counters.rename(*renamed)
+                self.ledger.rename(*renamed)
             return await self._refresh(refresh) if refresh is not None else None
 
     async def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:

@@ -8,6 +8,7 @@ from keystore import Keystore
 
 from .auth import Authenticate
 from .base import Context, Policy
+from .limits import Limits
 from .model_access import ModelAccess
 from .required_params import RequiredParams
 from .routing import Route
@@ -25,5 +26,6 @@ def build_chain(config: Config, keystore: Keystore, router: Router) -> list[Poli
             config.param_headers,
         ),
         ModelAccess(router),
+        Limits(keystore),
         Route(router),
     ]

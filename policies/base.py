@@ -48,6 +48,10 @@ class Context:
     named_key: KeyRecord | None = None
     # Notes a policy leaves for an explanation of the outcome.
     notes: dict[str, str] = field(default_factory=dict)
+    # Set by the limits policy: headers every response to this request
+    # carries, and the slot the handler gives back when the request ends.
+    response_headers: dict[str, str] | None = None
+    admission: Any = None
 
 
 class Policy:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from keystore import KeyRecord, SqliteKeystore, display_name, hash_key, new_key
+from keystore.sqlite import SCHEMA_VERSION
 
 from ..conftest import Proxy
 
@@ -72,7 +73,7 @@ async def test_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
     finally:
         await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 async def test_failed_migration_leaves_the_file_as_it_was(tmp_path: Path) -> None:

@@ -1,0 +1,346 @@
+"""The usage ledger and key spend: one write-behind path into SQLite.
+
+The request path only appends to memory (``record``).  A background task
+writes what has gathered every ``interval`` seconds (sooner when a batch is
+large): the usage rows and the spend increments of one batch commit in one
+transaction, so a row and the spend it caused are never apart.  Spend is
+only ever written as ``spend = spend + ?`` (or set to 0 when a budget
+period ends), never as a value read earlier.
+
+Until a batch commits, its spend is still counted: ``spend`` layers what is
+being written and what is queued over the key's committed value, so a
+budget check never sees less than the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiosqlite
+
+from .base import UsageFilter
+from .records import KeyRecord, UsageRow, to_iso
+
+__all__ = ["UsageLedger", "REPORT_GROUPS"]
+
+logger = logging.getLogger(__name__)
+
+# A batch this large is written without waiting for the interval to end.
+_LARGE_BATCH = 512
+# Idle keys whose budget period ended get their reset written this often.
+_SWEEP_INTERVAL = 1.0
+
+_ROW_COLUMNS = (
+    "time", "key_hash", "key_alias", "account_type", "end_user", "endpoint",
+    "model_group", "deployment_id", "status", "prompt_tokens", "completion_tokens",
+    "cost", "latency_ms", "ttfb_ms", "estimated",
+)
+_INSERT = (
+    f"INSERT INTO usage ({', '.join(_ROW_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_ROW_COLUMNS))})"
+)
+# The same aggregate columns as the spend_by_* views in schema.sql.
+_TOTALS = (
+    "COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens, "
+    "SUM(completion_tokens) AS completion_tokens, "
+    "SUM(prompt_tokens + completion_tokens) AS total_tokens, SUM(cost) AS cost, "
+    "SUM(estimated) AS estimated_requests, MIN(time) AS first_request, "
+    "MAX(time) AS last_request"
+)
+REPORT_GROUPS = {
+    "key": "key_hash, MAX(key_alias) AS key_alias",
+    "user": "end_user",
+    "model": "model_group",
+}
+_GROUP_BY = {"key": "key_hash", "user": "end_user", "model": "model_group"}
+
+
+@dataclass(slots=True)
+class _SpendChange:
+    """What is not yet written to one key's spend: a reset, then an increment."""
+
+    reset_to: float | None = None  # set: spend went to 0, the period now ends here
+    delta: float = 0.0
+
+    def apply(self, spend: float, reset_at: float | None) -> tuple[float, float | None]:
+        if self.reset_to is not None:
+            return self.delta, self.reset_to
+        return spend + self.delta, reset_at
+
+    def then(self, newer: _SpendChange) -> _SpendChange:
+        if newer.reset_to is not None:
+            return newer
+        return _SpendChange(self.reset_to, self.delta + newer.delta)
+
+
+class UsageLedger:
+    """Queued usage and spend for one SQLite connection; see the module docstring."""
+
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        lock: asyncio.Lock,
+        lookup: Callable[[str], KeyRecord | None],
+        remember: Callable[[KeyRecord], None],
+        records: Callable[[], Iterable[KeyRecord]],
+    ) -> None:
+        self._db = db
+        self._lock = lock
+        self._lookup = lookup
+        self._remember = remember
+        self._records = records
+        self._rows: list[UsageRow] = []
+        self._pending: dict[str, _SpendChange] = {}
+        self._flushing: dict[str, _SpendChange] = {}
+        self._renamed: dict[str, str] = {}
+        self._wake = asyncio.Event()
+        self._large = asyncio.Event()
+        self._closing = False
+        self._writer: asyncio.Task[None] | None = None
+
+    # -- the request path: memory only ----------------------------------
+
+    def record(self, row: UsageRow, key: KeyRecord | None) -> None:
+        self._rows.append(row)
+        if key is not None:
+            token = self._renamed.get(key.token, key.token)
+            spend, reset_at = self._view(token, key)
+            due = key.next_budget_reset(reset_at, time.time())
+            if due is not None or row.cost:
+                change = self._pending.get(token)
+                if change is None:
+                    change = self._pending[token] = _SpendChange()
+                if due is not None:
+                    change.reset_to, change.delta = due, 0.0
+                change.delta += row.cost
+        if not self._wake.is_set():
+            self._wake.set()
+        if len(self._rows) >= _LARGE_BATCH:
+            self._large.set()
+
+    def spend(self, key: KeyRecord) -> tuple[float, float | None]:
+        token = self._renamed.get(key.token, key.token)
+        spend, reset_at = self._view(token, key)
+        if key.next_budget_reset(reset_at, time.time()) is not None:
+            # The period is over; its reset is simply not written yet.
+            return 0.0, key.next_budget_reset(reset_at, time.time())
+        return spend, reset_at
+
+    def _view(self, token: str, key: KeyRecord) -> tuple[float, float | None]:
+        current = self._lookup(token) or key
+        spend, reset_at = current.spend, current.budget_reset_at
+        for layer in (self._flushing.get(token), self._pending.get(token)):
+            if layer is not None:
+                spend, reset_at = layer.apply(spend, reset_at)
+        return spend, reset_at
+
+    def rename(self, old: str, new: str) -> None:
+        """A regenerated key: spend recorded under its old digest goes to the new one.
+
+        Called under the keystore lock, so nothing is being written.
+        """
+        change = self._pending.pop(old, None)
+        if change is not None:
+            self._pending[new] = change
+        for before, after in self._renamed.items():
+            if after == old:
+                self._renamed[before] = new
+        self._renamed[old] = new
+
+    # -- the writer -------------------------------------------------------
+
+    def start(self, interval: float) -> None:
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._run(interval))
+
+    async def close(self) -> None:
+        """Stop the writer and write everything still queued."""
+        self._closing = True
+        self._wake.set()
+        self._large.set()
+        if self._writer is not None:
+            await self._writer
+            self._writer = None
+        await self.flush()
+
+    async def _run(self, interval: float) -> None:
+        swept = time.monotonic()
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._wake.wait(), _SWEEP_INTERVAL)
+            except asyncio.TimeoutError:
+                pass
+            # Cleared before anything else: a wake-up whose rows someone else
+            # already flushed must not make this loop spin.
+            self._wake.clear()
+            if time.monotonic() - swept >= _SWEEP_INTERVAL:
+                swept = time.monotonic()
+                self._sweep()
+            if not self._rows and not self._pending:
+                continue
+            if not self._closing:
+                try:
+                    await asyncio.wait_for(self._large.wait(), interval)
+                except asyncio.TimeoutError:
+                    pass
+            self._large.clear()
+            try:
+                await self.flush()
+            except (sqlite3.Error, ValueError) as exc:
+                # Kept in memory and tried again with the next batch.
+                logger.warning("usage ledger write failed, will retry: %s", exc)
+                await asyncio.sleep(interval)
+            except Exception:
+                # Kept in memory too; the writer must outlive a bug in one batch.
+                logger.exception("usage ledger write failed, will retry")
+                await asyncio.sleep(interval)
+
+    def _sweep(self) -> None:
+        now = time.time()
+        for key in {id(k): k for k in self._records()}.values():
+            if key.budget_duration is None:
+                continue
+            _, reset_at = self._view(key.token, key)
+            due = key.next_budget_reset(reset_at, now)
+            if due is not None:
+                self._pending[key.token] = _SpendChange(due, 0.0)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            if not self._rows and not self._pending:
+                return
+            rows, self._rows = self._rows, []
+            self._flushing, self._pending = self._pending, {}
+            try:
+                await self._write(rows, self._flushing)
+            except BaseException:
+                # Nothing was written: put it all back in front of what came since.
+                self._rows[:0] = rows
+                for token, change in self._pending.items():
+                    older = self._flushing.get(token)
+                    self._flushing[token] = older.then(change) if older else change
+                self._pending, self._flushing = self._flushing, {}
+                raise
+            # Memory now takes the committed values, in the same step that
+            # stops counting them as pending: no await in between.
+            for token, change in self._flushing.items():
+                key = self._lookup(token)
+                if key is not None and key.token == token:
+                    spend, reset_at = change.apply(key.spend, key.budget_reset_at)
+                    self._remember(replace(key, spend=spend, budget_reset_at=reset_at))
+            self._flushing = {}
+
+    async def _write(self, rows: list[UsageRow], changes: dict[str, _SpendChange]) -> None:
+        resets = [
+            (to_iso(change.reset_to), token) for token, change in changes.items()
+            if change.reset_to is not None
+        ]
+        increments = [
+            (change.delta, token) for token, change in changes.items() if change.delta
+        ]
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if rows:
+                await self._db.executemany(_INSERT, [_values(row) for row in rows])
+            if resets:
+                await self._db.executemany(
+                    "UPDATE keys SET spend = 0, budget_reset_at = ? WHERE token = ?", resets
+                )
+            if increments:
+                await self._db.executemany(
+                    "UPDATE keys SET spend = spend + ? WHERE token = ?", increments
+                )
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+
+    # -- reading ----------------------------------------------------------
+
+    async def logs(
+        self, where: UsageFilter, offset: int, limit: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        condition, args = _where(where)
+        async with self._db.execute(f"SELECT COUNT(*) FROM usage{condition}", args) as cur:
+            total = (await cur.fetchone() or (0,))[0]
+        async with self._db.execute(
+            f"SELECT id, {', '.join(_ROW_COLUMNS)} FROM usage{condition} "
+            "ORDER BY id DESC LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        ) as cursor:
+            names = [d[0] for d in cursor.description]
+            rows = await cursor.fetchall()
+        logs = []
+        for row in rows:
+            entry = dict(zip(names, row))
+            entry["estimated"] = bool(entry["estimated"])
+            logs.append(entry)
+        return logs, int(total)
+
+    async def report(self, group_by: str, where: UsageFilter) -> list[dict[str, Any]]:
+        condition, args = _where(where)
+        async with self._db.execute(
+            f"SELECT {REPORT_GROUPS[group_by]}, {_TOTALS} FROM usage{condition} "
+            f"GROUP BY {_GROUP_BY[group_by]} ORDER BY cost DESC, requests DESC",
+            args,
+        ) as cursor:
+            names = [d[0] for d in cursor.description]
+            rows = await cursor.fetchall()
+        return [dict(zip(names, row)) for row in rows]
+
+
+class _IsoTimes:
+    """``to_iso`` for many times close together: the second is formatted once."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, moment: float) -> str:
+        # Rounded to the microsecond the way datetime.fromtimestamp does.
+        fraction, whole = math.modf(moment)
+        micro = round(fraction * 1_000_000)
+        second = int(whole)
+        if micro >= 1_000_000:
+            second, micro = second + 1, micro - 1_000_000
+        if second != self._second:
+            self._second = second
+            self._prefix = str(to_iso(float(second)))[:-5]  # without ".000Z"
+        return f"{self._prefix}.{micro // 1000:03d}Z"
+
+
+_iso = _IsoTimes()
+
+
+def _values(row: UsageRow) -> tuple[Any, ...]:
+    return (
+        _iso(row.time), row.key_hash, row.key_alias, row.account_type, row.end_user,
+        row.endpoint, row.model_group, row.deployment_id, row.status, row.prompt_tokens,
+        row.completion_tokens, row.cost, round(row.latency_ms, 3),
+        None if row.ttfb_ms is None else round(row.ttfb_ms, 3), int(row.estimated),
+    )
+
+
+def _where(where: UsageFilter) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    for column in ("key_hash", "key_alias", "end_user", "model_group"):
+        value = getattr(where, column)
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            args.append(value)
+    # Times are stored as sortable ISO text, so text comparison is time order.
+    if where.start is not None:
+        clauses.append("time >= ?")
+        args.append(to_iso(where.start))
+    if where.end is not None:
+        clauses.append("time < ?")
+        args.append(to_iso(where.end))
+    return (f" WHERE {' AND '.join(clauses)}" if clauses else ""), args
