@@ -14,14 +14,21 @@ import sys
 
 from keystile import cli
 from keystile.config import ConfigError, load_config
-from keystile.server import serve
+from keystile.server import StartupError, serve
+
+_COMMON_DEFAULTS = {"config": "config.yaml", "db": None, "log_level": "info"}
 
 
 def _parser() -> argparse.ArgumentParser:
+    # Shared by the main command and every subcommand.  SUPPRESS keeps a
+    # subcommand from resetting a flag given before it to its default, so
+    # "--config x keys list" and "keys list --config x" mean the same.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
-    common.add_argument("--db", help="SQLite file; overrides general_settings.database_url")
-    common.add_argument("--log-level", default="info",
+    common.add_argument("--config", default=argparse.SUPPRESS,
+                        help="config file (default: config.yaml)")
+    common.add_argument("--db", default=argparse.SUPPRESS,
+                        help="SQLite file; overrides general_settings.database_url")
+    common.add_argument("--log-level", default=argparse.SUPPRESS,
                         choices=["debug", "info", "warning", "error"])
 
     parser = argparse.ArgumentParser(
@@ -37,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Defaults applied here, not on the shared flags: argparse would copy
+    # them into every subcommand, where they would override an earlier flag.
+    for name, default in _COMMON_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -56,12 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     try:
         runner(serve(config, args.host, args.port))
-    except OSError as exc:
-        print(f"error: cannot serve on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
-        return 1
-    except RuntimeError as exc:
+    except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 

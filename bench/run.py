@@ -749,9 +749,9 @@ def soak(ctx: Context, procs: list[Proc], pin_note: str) -> str:
     args = ctx.args
     upstream = start_upstream(ctx, procs)
     ks = start_keystile(ctx, procs, upstream)
-    sa = next((t for t in keystile_checks(ctx, ks) if t.name == "keystile"), None)
+    sa = next((t for t in keystile_checks(ctx, ks) if t.name == args.soak_key), None)
     if sa is None:
-        raise RuntimeError("service-account key does not work; see problems:\n" + "\n\n".join(ctx.problems))
+        raise RuntimeError(f"no working {args.soak_key} key; see problems:\n" + "\n\n".join(ctx.problems))
     wl = Workload("chat-16", 16, False)
     if ctx.use_wrk:
         run_wrk(ctx, sa, wl, args.warmup, case_seconds(ctx, args.warmup))
@@ -782,7 +782,9 @@ def soak(ctx: Context, procs: list[Proc], pin_note: str) -> str:
     rows = ["| t (s) | requests | RSS MiB | peak RSS MiB | errors |", "|--:|--:|--:|--:|--:|"]
     rows += [f"| {t:.0f} | {n} | {rss:.1f} | {hwm:.1f} | {e} |" for t, n, rss, hwm, e in samples]
     out = ["# Keystile soak", "", *machine_lines(ctx, pin_note)[:3],
-           f"- Soak: {args.soak} s at 16 connections, service-account key + user, chat (non-streaming)", "",
+           f"- Soak: {args.soak} s at 16 connections, {args.soak_key} key ("
+           + ("service account" if args.soak_key == "keystile" else "rpm/tpm/parallel limits")
+           + ") + user, chat (non-streaming)", "",
            *rows, ""]
     after_1min = next((s for s in samples if s[0] >= 60), None)
     at_100k = next((s for s in samples if s[1] >= 100_000), None)
@@ -816,6 +818,8 @@ def main() -> None:
                                                 f"{[w.name for w in WORKLOADS]}")
     ap.add_argument("--out", type=Path, help="also write the Markdown report to this file")
     ap.add_argument("--soak", type=int, metavar="SECONDS", help="soak mode: constant load at 16 connections")
+    ap.add_argument("--soak-key", choices=["keystile", "keystile-limited"], default="keystile",
+                    help="key the soak uses: service account (default) or the key with limits")
     ap.add_argument("--max-case-seconds", type=int, default=600, help="time ceiling of one load run")
     ap.add_argument("--startup-timeout", type=float, default=60.0, help="seconds to wait for Keystile readiness")
     ap.add_argument("--wait-idle", type=float, default=20.0, metavar="SECONDS",

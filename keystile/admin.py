@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from keystore import KeyFilter, KeyRecord
 from keystore.records import to_iso
 from policies import Context
 
-from .errors import BadRequest, Forbidden
+from .errors import BadRequest, Forbidden, NotFound
 from .keyfields import (
     DURATION_UNITS,
     GENERATE_FIELDS,
@@ -25,13 +24,10 @@ from .keyfields import (
     validate_fields,
 )
 from .keys import MAX_PAGE_SIZE
+from .params import json_response, parse_json, positive_int
 from .state import AUTH, CONFIG, CONTEXT, KEYS, KEYSTORE, ROUTER
 
 __all__ = ["add_routes", "caller", "require_master"]
-
-
-def _json(payload: Any) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
 
 async def caller(request: web.Request) -> Context:
@@ -54,16 +50,7 @@ async def require_master(request: web.Request) -> None:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw.strip():
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object")
-    return body
+    return parse_json(await request.read(), empty={})
 
 
 def _created(raw: str, record: KeyRecord) -> dict[str, Any]:
@@ -75,14 +62,14 @@ async def generate(request: web.Request) -> web.Response:
     await require_master(request)
     fields = validate_fields(await _body(request), GENERATE_FIELDS)
     raw, record = await request.app[KEYS].generate(fields)
-    return _json(_created(raw, record))
+    return json_response(_created(raw, record))
 
 
 async def generate_service_account(request: web.Request) -> web.Response:
     await require_master(request)
     fields = validate_fields(await _body(request), GENERATE_FIELDS)
     raw, record = await request.app[KEYS].generate(fields, service_account=True)
-    return _json(_created(raw, record))
+    return json_response(_created(raw, record))
 
 
 async def info(request: web.Request) -> web.Response:
@@ -93,11 +80,18 @@ async def info(request: web.Request) -> web.Response:
             raise BadRequest("Name the key: /key/info?key=<key, hash or alias>",
                              param="key")
         record = ctx.key
-    else:
+    elif ctx.is_master:
         record = await request.app[KEYS].lookup(ref)
-        if not ctx.is_master and (ctx.key is None or ctx.key.token != record.token):
+    else:
+        # The same answer whether or not the named key exists: a virtual key
+        # must not learn which aliases or digests are in use.
+        try:
+            record = await request.app[KEYS].lookup(ref)
+        except NotFound:
+            record = None
+        if ctx.key is None or record is None or ctx.key.token != record.token:
             raise Forbidden("A virtual key may only read its own /key/info")
-    return _json({"key": record.token, "info": await _with_usage(request, record)})
+    return json_response({"key": record.token, "info": await _with_usage(request, record)})
 
 
 async def _with_usage(request: web.Request, record: KeyRecord) -> dict[str, Any]:
@@ -126,19 +120,6 @@ async def _with_usage(request: web.Request, record: KeyRecord) -> dict[str, Any]
     return public
 
 
-def _int_query(request: web.Request, name: str, default: int) -> int:
-    value = request.query.get(name)
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadRequest(f"{name} must be a whole number", param=name) from None
-    if number < 1:
-        raise BadRequest(f"{name} must be 1 or more", param=name)
-    return number
-
-
 async def list_keys(request: web.Request) -> web.Response:
     await require_master(request)
     query = request.query
@@ -153,10 +134,10 @@ async def list_keys(request: web.Request) -> web.Response:
         team_id=query.get("team_id"),
     )
     page = await request.app[KEYS].list(
-        where, _int_query(request, "page", 1), _int_query(request, "size", 10)
+        where, positive_int(request, "page", 1), positive_int(request, "size", 10)
     )
     full = query.get("return_full_object", "false").lower() == "true"
-    return _json({
+    return json_response({
         "keys": [record.public() if full else record.token for record in page.keys],
         "total_count": page.total_count,
         "current_page": page.current_page,
@@ -173,7 +154,7 @@ async def update(request: web.Request) -> web.Response:
     ref = body.pop("key")
     fields = validate_fields(body, UPDATE_FIELDS - {"key"})
     record = await request.app[KEYS].update(ref, fields)
-    return _json(record.public())
+    return json_response(record.public())
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -191,7 +172,7 @@ async def delete(request: web.Request) -> web.Response:
     if not refs:
         raise BadRequest("Name the keys to delete in keys or key_aliases", param="keys")
     tokens = await request.app[KEYS].delete(refs)
-    return _json({"deleted_keys": tokens})
+    return json_response({"deleted_keys": tokens})
 
 
 async def _set_blocked(request: web.Request, blocked: bool) -> web.Response:
@@ -201,7 +182,7 @@ async def _set_blocked(request: web.Request, blocked: bool) -> web.Response:
     if unknown:
         raise BadRequest(f"Unknown field(s): {', '.join(unknown)}", param=unknown[0])
     record = await request.app[KEYS].update(body.get("key"), {"blocked": blocked})
-    return _json(record.public())
+    return json_response(record.public())
 
 
 async def block(request: web.Request) -> web.Response:
@@ -221,14 +202,14 @@ async def regenerate(request: web.Request) -> web.Response:
     grace = body.get("grace_period")
     seconds = None if grace is None else parse_duration(grace, "grace_period")
     raw, record = await request.app[KEYS].regenerate(body.get("key"), seconds)
-    return _json(_created(raw, record))
+    return json_response(_created(raw, record))
 
 
 async def settings(request: web.Request) -> web.Response:
     """What an admin client needs to offer valid choices (the admin page)."""
     await require_master(request)
     config = request.app[CONFIG]
-    return _json({
+    return json_response({
         "models": list(request.app[ROUTER].groups),
         "enforced_params": list(config.enforced_params),
         "service_account_settings": {

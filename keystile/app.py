@@ -5,28 +5,35 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from keystore import open_keystore
 from policies import Context, Policy, build_chain
 
 from . import admin, explain, spend, ui
 from .config import Config
-from .errors import BadRequest, NotFound, ProxyError, error_body, error_response
-from .errors import Forbidden
-from .errors import internal_error_response
+from .errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    ProxyError,
+    error_body,
+    error_response,
+    internal_error_response,
+)
 from .keys import KeyService
+from .params import parse_json
 from .relay import Relay
 from .router import Router
 from .state import AUTH, CHAIN, CONFIG, CONTEXT, KEYS, KEYSTORE, RELAY, ROUTER
 from .tracing import add_response_headers
 from .usage import CLIENT_GONE, METER, Meter, record
 
-__all__ = ["create_app", "parse_body", "run_chain"]
+__all__ = ["create_app", "run_chain"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +70,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                             None, exc.status),
             content_type="application/json",
         )
+    except RequestPayloadError as exc:
+        # A body that cannot be read as sent, such as broken gzip.
+        return error_response(BadRequest(f"The request body could not be read: {exc}"))
     except ConnectionResetError:
         # The client went away; nobody is left to answer.
         raise
@@ -72,18 +82,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 _HTTP_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    if not raw:
-        raise BadRequest("The request body is empty: send a JSON object")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object")
-    return body
 
 
 async def run_chain(chain: list[Policy], ctx: Context) -> None:
@@ -96,7 +94,7 @@ def _proxy_handler(endpoint: str) -> Handler:
         app = request.app
         meter = Meter()
         raw = await request.read()
-        ctx = Context(endpoint, request.headers, parse_body(raw), raw)
+        ctx = Context(endpoint, request.headers, parse_json(raw), raw)
         request[CONTEXT] = ctx
         status = 500
         try:
@@ -123,7 +121,12 @@ def _proxy_handler(endpoint: str) -> Handler:
             if ctx.admission is not None:
                 await keystore.counters.release(ctx.admission)
             if ctx.key is not None or ctx.is_master:
-                await record(keystore, ctx, meter, status)
+                try:
+                    await record(keystore, ctx, meter, status)
+                except Exception:
+                    # The answer is already decided; a bug in accounting must
+                    # not turn it into an error, only be seen in the log.
+                    logger.exception("could not record usage of %s", request.path)
 
     return handle
 
@@ -150,7 +153,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def explain_route(request: web.Request) -> web.Response:
     """A dry run of the chain for the request in the body; never forwards it."""
     app = request.app
-    endpoint, ref, body = explain.split_body(parse_body(await request.read()))
+    endpoint, ref, body = explain.split_body(parse_json(await request.read()))
     subject = explain.Subject(request.headers)
     if ref is not None:
         # Only the master key may ask about someone else's key.

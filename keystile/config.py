@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,12 +204,17 @@ class _Reader:
             ):
                 expected = " or ".join(dict.fromkeys(_TYPE_NAMES[t] for t in types))
                 raise self.fail(key, f"must be {expected}, got {_kind(item)}")
+            if isinstance(item, float) and not math.isfinite(item):
+                # YAML's .nan and .inf: a timeout of NaN would mean none at all.
+                raise self.fail(key, "must be a finite number")
             out[name] = item
         return out
 
     def resolve_env(self, value: Any, where: str) -> Any:
         if isinstance(value, str) and value.startswith(_ENV_PREFIX):
             name = value[len(_ENV_PREFIX):]
+            if not name:
+                raise self.fail(where, "os.environ/ must be followed by a variable name")
             if name not in os.environ:
                 raise self.fail(
                     where, f"environment variable {name} is not set"
@@ -249,6 +255,8 @@ def load_config(path: str | Path, database_override: str | None = None) -> Confi
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: byte {exc.start}: not UTF-8 text") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -21,6 +21,7 @@ __all__ = [
     "Unauthenticated",
     "Forbidden",
     "NotFound",
+    "Conflict",
     "RateLimited",
     "UpstreamFailed",
     "UpstreamTimedOut",
@@ -79,6 +80,11 @@ class NotFound(ProxyError):
     type = "not_found_error"
 
 
+class Conflict(ProxyError):
+    status = 409
+    type = "conflict_error"
+
+
 class RateLimited(ProxyError):
     status = 429
     type = "rate_limit_error"
@@ -101,16 +107,18 @@ def error_body(
 ) -> bytes:
     # Key order is part of the contract: the documented service-account
     # rejection is compared byte for byte by users migrating from LiteLLM.
-    return orjson.dumps(
-        {
-            "error": {
-                "message": message,
-                "type": type,
-                "param": param,
-                "code": str(status),
-            }
-        }
-    )
+    error = {"message": message, "type": type, "param": param, "code": str(status)}
+    try:
+        return orjson.dumps({"error": error})
+    except TypeError:
+        # A message quoting undecodable client bytes: show them replaced
+        # rather than fail to answer at all.
+        error = {name: _replaced(value) for name, value in error.items()}
+        return orjson.dumps({"error": error})
+
+
+def _replaced(value: str | None) -> str | None:
+    return None if value is None else value.encode("utf-8", "replace").decode("utf-8")
 
 
 def error_response(error: ProxyError) -> web.Response:

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from keystore.records import ACCOUNT_TYPES, DURATION_UNITS, duration_seconds
+from keystore.records import (
+    ACCOUNT_TYPES,
+    DURATION_UNITS,
+    MAX_DURATION,
+    duration_seconds,
+    looks_like_hash,
+)
 
 from .errors import BadRequest
 
@@ -22,6 +28,10 @@ GENERATE_FIELDS = frozenset({
     "tpm_limit", "max_parallel_requests", "max_budget", "budget_duration",
 })
 UPDATE_FIELDS = GENERATE_FIELDS  # "key" names the key to change in an update
+# Counts within SQLite's integers and JavaScript's exact numbers; amounts
+# far beyond any real budget.
+MAX_COUNT = 2**53
+MAX_AMOUNT = 1e15
 
 
 def parse_duration(value: Any, field: str) -> int:
@@ -29,7 +39,8 @@ def parse_duration(value: Any, field: str) -> int:
     seconds = duration_seconds(value) if isinstance(value, str) else None
     if seconds is None:
         raise BadRequest(
-            f"{field} must be a duration such as \"30s\", \"15m\", \"12h\" or \"30d\"",
+            f"{field} must be a duration such as \"30s\", \"15m\", \"12h\" or \"30d\" "
+            f"(at most {MAX_DURATION // 86400}d)",
             param=field,
         )
     return seconds
@@ -42,6 +53,17 @@ def _string(body: dict[str, Any], field: str) -> str | None:
     if not isinstance(value, str) or not value.strip():
         raise BadRequest(f"{field} must be a non-empty string or null", param=field)
     return value.strip()
+
+
+def _check_alias(alias: str) -> None:
+    # Routes name a key by its secret, its digest or its alias; an alias
+    # that looked like either of the others could point at another key.
+    if alias.startswith("sk-") or looks_like_hash(alias):
+        raise BadRequest(
+            "key_alias must not start with sk- or look like a key hash "
+            "(64 hexadecimal characters)",
+            param="key_alias",
+        )
 
 
 def _names(body: dict[str, Any], field: str) -> tuple[str, ...]:
@@ -59,8 +81,8 @@ def _count(body: dict[str, Any], field: str) -> int | None:
     value = body[field]
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"{field} must be a whole number, 0 or more, or null",
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise BadRequest(f"{field} must be a whole number from 0 to {MAX_COUNT}, or null",
                          param=field)
     return value
 
@@ -69,8 +91,11 @@ def _amount(body: dict[str, Any], field: str) -> float | None:
     value = body[field]
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise BadRequest(f"{field} must be a number, 0 or more, or null", param=field)
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not 0 <= value <= MAX_AMOUNT):
+        # NaN fails the comparison too, as it must: it would mean "no budget".
+        raise BadRequest(f"{field} must be a number from 0 to {MAX_AMOUNT:g}, or null",
+                         param=field)
     return float(value)
 
 
@@ -86,6 +111,8 @@ def validate_fields(body: Any, allowed: frozenset[str]) -> dict[str, Any]:
     for field in body:
         if field in ("key_alias", "user_id", "team_id"):
             out[field] = _string(body, field)
+            if field == "key_alias" and out[field] is not None:
+                _check_alias(out[field])
         elif field in ("models", "enforced_params"):
             out[field] = _names(body, field)
         elif field in ("rpm_limit", "tpm_limit", "max_parallel_requests"):

@@ -22,12 +22,13 @@ from keystore import (
     new_key,
 )
 
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, Conflict, NotFound
 from .keyfields import parse_duration
 
 __all__ = ["KeyService", "Page"]
 
 MAX_PAGE_SIZE = 100
+_ROTATE_TRIES = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +85,12 @@ class KeyService:
         raw = fields.get("key")
         if raw is None:
             raw = new_key()
-        elif not isinstance(raw, str) or not raw.startswith("sk-") or len(raw) < 20:
+        elif not (isinstance(raw, str) and raw.startswith("sk-") and len(raw) >= 20
+                  and raw.isascii() and raw.isprintable() and " " not in raw):
             raise BadRequest(
-                "key must start with sk- and be at least 20 characters", param="key"
+                "key must start with sk-, be at least 20 characters and be "
+                "printable ASCII without spaces",
+                param="key",
             )
         now = time.time()
         account_type = _account_type(fields)
@@ -115,16 +119,22 @@ class KeyService:
         return raw, stored
 
     async def lookup(self, ref: Any, param: str = "key") -> KeyRecord:
-        """A key named by its secret, its digest or its alias."""
+        """A key named by its secret, its digest or its alias.
+
+        The three never overlap (an alias may not look like a key or a
+        digest), so a name means one key only; under ``key_aliases`` a
+        name is only ever an alias.
+        """
         if not isinstance(ref, str) or not ref.strip():
             raise BadRequest(f"{param} must name a key (key, hash or alias)", param=param)
         ref = ref.strip()
-        record = None
-        if ref.startswith("sk-"):
+        if param == "key_aliases":
+            record = await self.keystore.find_by_alias(ref)
+        elif ref.startswith("sk-"):
             record = await self.keystore.find(hash_key(ref))
         elif looks_like_hash(ref):
             record = await self.keystore.find(ref)
-        if record is None:
+        else:
             record = await self.keystore.find_by_alias(ref)
         if record is None:
             shown = display_name(ref) if ref.startswith("sk-") else ref
@@ -153,15 +163,24 @@ class KeyService:
         return tokens
 
     async def regenerate(self, ref: Any, grace_seconds: int | None) -> tuple[str, KeyRecord]:
-        record = await self.lookup(ref)
-        raw = new_key()
-        grace_until = time.time() + grace_seconds if grace_seconds else None
-        rotated = await self.keystore.rotate(
-            record.token, hash_key(raw), display_name(raw), grace_until
-        )
-        if rotated is None:
-            raise NotFound("The key was deleted while it was being regenerated", param="key")
-        return raw, rotated
+        """A new secret for the key; the old one works for ``grace_seconds``.
+
+        Only one earlier secret is kept: a regenerate ends the grace period
+        of the one before.
+        """
+        # Two regenerates of one key may race; the loser finds the key under
+        # its new digest and rotates from there, so both succeed in turn.
+        for _ in range(_ROTATE_TRIES):
+            record = await self.lookup(ref)
+            raw = new_key()
+            grace_until = time.time() + grace_seconds if grace_seconds else None
+            rotated = await self.keystore.rotate(
+                record.token, hash_key(raw), display_name(raw), grace_until
+            )
+            if rotated is not None:
+                return raw, rotated
+        raise Conflict("The key changed during each attempt to regenerate it; try again",
+                       param="key")
 
     async def list(self, where: KeyFilter, page: int, size: int) -> Page:
         size = max(1, min(size, MAX_PAGE_SIZE))

@@ -49,7 +49,7 @@ _DROPPED = frozenset({
     "authorization", "api-key", "x-api-key", "host", "content-length",
     "connection", "keep-alive", "proxy-authorization", "proxy-connection",
     "te", "trailer", "transfer-encoding", "upgrade", "cookie",
-    "accept-encoding",
+    "accept-encoding", "content-encoding", "content-type",
 })
 # Upstream headers worth passing back; the rest describe the upstream's
 # connection, not the answer.
@@ -132,6 +132,9 @@ class Relay:
             if name.lower() not in _DROPPED
         }
         headers.update(deployment.auth_headers())
+        # What goes upstream is always plain JSON, whatever encoding the
+        # client's body arrived in (aiohttp has already decoded it).
+        headers["Content-Type"] = "application/json"
         if ctx.body_changes or ctx.body.get("model") != deployment.upstream_model:
             payload = orjson.dumps(_forwarded_body(ctx, deployment))
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sqlite3
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -14,10 +15,14 @@ from .config import Config
 from .state import CONTEXT
 from .tracing import REQUEST_ID
 
-__all__ = ["AccessLogger", "start", "serve"]
+__all__ = ["AccessLogger", "StartupError", "start", "serve"]
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("keystile.access")
+
+
+class StartupError(Exception):
+    """The proxy cannot start; the message says what to fix."""
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -63,10 +68,16 @@ async def start(
         access_log_class=AccessLogger,
         access_log=access_logger,
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except (OSError, sqlite3.Error, RuntimeError) as exc:
+        raise StartupError(f"cannot open the database {config.database_path}: {exc}") from exc
     try:
         site = web.TCPSite(runner, host, port, backlog=1024)
         await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(f"cannot serve on {host}:{port}: {exc.strerror}") from exc
     except BaseException:
         await runner.cleanup()
         raise

@@ -6,48 +6,19 @@ request that has ended is always in the answer.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-from typing import Any
-
-import orjson
 from aiohttp import web
 
 from keystore import UsageFilter, hash_key, looks_like_hash
 
 from .admin import require_master
 from .errors import BadRequest
+from .params import json_response, moment, positive_int
 from .state import KEYS, KEYSTORE
 
 __all__ = ["add_routes"]
 
 MAX_PAGE_SIZE = 1000
 GROUPS = ("key", "user", "model")
-
-
-def _json(payload: Any) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), content_type="application/json")
-
-
-def _moment(request: web.Request, name: str, *, end: bool) -> float | None:
-    """A time bound from the query: ISO 8601, or a date (a whole day)."""
-    value = request.query.get(name)
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadRequest(
-            f"{name} must be a date (2026-01-31) or an ISO 8601 time "
-            "(2026-01-31T12:00:00Z)",
-            param=name,
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    if end and len(text) == 10:
-        # end_date=2026-01-31 means up to the end of that day.
-        moment += timedelta(days=1)
-    return moment.timestamp()
 
 
 async def _filter(request: web.Request) -> UsageFilter:
@@ -68,33 +39,20 @@ async def _filter(request: web.Request) -> UsageFilter:
         key_alias=query.get("key_alias") or None,
         end_user=query.get("end_user") or query.get("user") or None,
         model_group=query.get("model") or None,
-        start=_moment(request, "start_date", end=False),
-        end=_moment(request, "end_date", end=True),
+        start=moment(request, "start_date", end=False),
+        end=moment(request, "end_date", end=True),
     )
-
-
-def _positive(request: web.Request, name: str, default: int) -> int:
-    value = request.query.get(name)
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadRequest(f"{name} must be a whole number", param=name) from None
-    if number < 1:
-        raise BadRequest(f"{name} must be 1 or more", param=name)
-    return number
 
 
 async def logs(request: web.Request) -> web.Response:
     await require_master(request)
     where = await _filter(request)
-    page = _positive(request, "page", 1)
-    size = min(_positive(request, "page_size", 100), MAX_PAGE_SIZE)
+    page = positive_int(request, "page", 1)
+    size = positive_int(request, "page_size", 100, MAX_PAGE_SIZE)
     keystore = request.app[KEYSTORE]
     await keystore.flush()
     rows, total = await keystore.usage_logs(where, (page - 1) * size, size)
-    return _json({
+    return json_response({
         "logs": rows,
         "total_count": total,
         "current_page": page,
@@ -111,7 +69,7 @@ async def report(request: web.Request) -> web.Response:
     keystore = request.app[KEYSTORE]
     await keystore.flush()
     rows = await keystore.usage_report(group_by, where)
-    return _json({"group_by": group_by, "report": rows})
+    return json_response({"group_by": group_by, "report": rows})
 
 
 def add_routes(app: web.Application) -> None:

@@ -36,6 +36,8 @@ _BACKSLASH = 0x5C
 CLIENT_GONE = 499
 
 
+# More tokens than any model answers with in one request.
+_MAX_TOKENS = 1 << 31
 # The body change that asks a streaming upstream for its usage chunk.
 STREAM_USAGE_OPTION = "stream_options.include_usage"
 
@@ -123,9 +125,8 @@ class Meter:
     def _take(self, usage: Any) -> bool:
         if not isinstance(usage, dict):
             return False
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        self.prompt_tokens = prompt if isinstance(prompt, int) else 0
-        self.completion_tokens = completion if isinstance(completion, int) else 0
+        self.prompt_tokens = _token_count(usage.get("prompt_tokens"))
+        self.completion_tokens = _token_count(usage.get("completion_tokens"))
         return True
 
     def _count(self, choices: Any, part: str) -> None:
@@ -177,6 +178,14 @@ class Meter:
 METER = web.RequestKey("meter", Meter)
 
 
+def _token_count(value: Any) -> int:
+    # A count no real answer reaches is an upstream's bug; it must not
+    # wreck the ledger or a budget, so it counts as nothing reported.
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_TOKENS:
+        return value
+    return 0
+
+
 async def record(keystore: Keystore, ctx: Context, meter: Meter, status: int) -> None:
     """Put one finished request in the ledger and on its key's counters."""
     row = meter.row(ctx, status)
@@ -226,7 +235,8 @@ def _message_chars(message: dict[str, Any]) -> int:
         for part in content:
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 chars += len(part["text"])
-    for call in message.get("tool_calls") or ():
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict) and isinstance(function.get("arguments"), str):
             chars += len(function["arguments"])

@@ -16,7 +16,14 @@ from .base import (
     KeystoreError,
     UsageFilter,
 )
-from .records import KeyRecord, UsageRow, display_name, hash_key, looks_like_hash, new_key
+from .records import (
+    KeyRecord,
+    UsageRow,
+    display_name,
+    hash_key,
+    looks_like_hash,
+    new_key,
+)
 from .sqlite import SqliteKeystore
 
 __all__ = [

@@ -220,13 +220,17 @@ class UsageLedger:
             self._flushing, self._pending = self._pending, {}
             try:
                 await self._write(rows, self._flushing)
+            except (sqlite3.OperationalError, ValueError, TypeError, OverflowError,
+                    sqlite3.InterfaceError) as exc:
+                if isinstance(exc, sqlite3.OperationalError):
+                    self._put_back(rows)
+                    raise
+                # Something in this batch can never be written; it must not
+                # hold back everything queued behind it.
+                await self._salvage(rows, self._flushing)
             except BaseException:
                 # Nothing was written: put it all back in front of what came since.
-                self._rows[:0] = rows
-                for token, change in self._pending.items():
-                    older = self._flushing.get(token)
-                    self._flushing[token] = older.then(change) if older else change
-                self._pending, self._flushing = self._flushing, {}
+                self._put_back(rows)
                 raise
             # Memory now takes the committed values, in the same step that
             # stops counting them as pending: no await in between.
@@ -236,6 +240,26 @@ class UsageLedger:
                     spend, reset_at = change.apply(key.spend, key.budget_reset_at)
                     self._remember(replace(key, spend=spend, budget_reset_at=reset_at))
             self._flushing = {}
+
+    def _put_back(self, rows: list[UsageRow]) -> None:
+        self._rows[:0] = rows
+        for token, change in self._pending.items():
+            older = self._flushing.get(token)
+            self._flushing[token] = older.then(change) if older else change
+        self._pending, self._flushing = self._flushing, {}
+
+    async def _salvage(self, rows: list[UsageRow], changes: dict[str, _SpendChange]) -> None:
+        """Write a batch piece by piece, dropping (and logging) what SQLite refuses."""
+        try:
+            await self._write([], changes)
+        except (ValueError, TypeError, OverflowError, sqlite3.Error):
+            logger.exception("usage ledger: dropped spend changes for %d key(s)", len(changes))
+        for row in rows:
+            try:
+                await self._write([row], {})
+            except (ValueError, TypeError, OverflowError, sqlite3.Error):
+                logger.exception("usage ledger: dropped a usage row of key %s at %s",
+                                 row.key_alias or row.key_hash, row.time)
 
     async def _write(self, rows: list[UsageRow], changes: dict[str, _SpendChange]) -> None:
         resets = [
@@ -317,15 +341,34 @@ class _IsoTimes:
 
 
 _iso = _IsoTimes()
+# SQLite's INTEGER is a signed 64-bit number.
+_MAX_INTEGER = (1 << 63) - 1
 
 
 def _values(row: UsageRow) -> tuple[Any, ...]:
     return (
-        _iso(row.time), row.key_hash, row.key_alias, row.account_type, row.end_user,
-        row.endpoint, row.model_group, row.deployment_id, row.status, row.prompt_tokens,
-        row.completion_tokens, row.cost, round(row.latency_ms, 3),
-        None if row.ttfb_ms is None else round(row.ttfb_ms, 3), int(row.estimated),
+        _iso(row.time), row.key_hash, _text(row.key_alias), row.account_type,
+        _text(row.end_user), row.endpoint, _text(row.model_group), row.deployment_id,
+        row.status, _integer(row.prompt_tokens), _integer(row.completion_tokens), row.cost,
+        round(row.latency_ms, 3), None if row.ttfb_ms is None else round(row.ttfb_ms, 3),
+        int(row.estimated),
     )
+
+
+def _text(value: str | None) -> str | None:
+    # Header values reach us with undecodable bytes as lone surrogates,
+    # which SQLite cannot store; one such row must not block the others.
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _integer(value: int) -> int:
+    return max(0, min(value, _MAX_INTEGER))
 
 
 def _where(where: UsageFilter) -> tuple[str, list[Any]]:

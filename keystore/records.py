@@ -32,14 +32,18 @@ ACCOUNT_TYPES = ("user", "service_account")
 _HASH = re.compile(r"[0-9a-f]{64}")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"(\d{1,9})([smhd])")
+# A hundred years: any longer lifetime or period would leave the calendar
+# that timestamps can be written in.
+MAX_DURATION = 100 * 365 * 86400
 
 
 def duration_seconds(text: str) -> int | None:
     """Seconds in a duration such as "30s", "15m", "12h" or "30d"; None if not one."""
     match = _DURATION.fullmatch(text.strip())
-    if match is None or int(match.group(1)) == 0:
+    if match is None:
         return None
-    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+    seconds = int(match.group(1)) * DURATION_UNITS[match.group(2)]
+    return seconds if 0 < seconds <= MAX_DURATION else None
 
 
 def new_key() -> str:

@@ -270,7 +270,11 @@ class SqliteKeystore:
         renamed: tuple[str, str] | None,
     ) -> KeyRecord | None:
         async with self._lock:
-            await self._write(statements)
+            changed = await self._write(statements)
+            if renamed is not None and not changed:
+                # Someone else changed this key first (another regenerate):
+                # nothing was renamed, so counters and spend stay where they are.
+                return None
             for token in forget:
                 self._forget(token)
             if renamed is not None:
@@ -279,12 +283,14 @@ class SqliteKeystore:
                 self.ledger.rename(*renamed)
             return await self._refresh(refresh) if refresh is not None else None
 
-    async def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-        # All statements of one change commit together or not at all.
+    async def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> int:
+        """Run the statements in one transaction; returns the rows they changed."""
+        changed = 0
         await self._db.execute("BEGIN IMMEDIATE")
         try:
             for sql, args in statements:
-                await self._db.execute(sql, args)
+                cursor = await self._db.execute(sql, args)
+                changed += max(cursor.rowcount, 0)
             await self._db.execute("COMMIT")
         except sqlite3.IntegrityError as exc:
             await self._db.execute("ROLLBACK")
@@ -297,6 +303,7 @@ class SqliteKeystore:
         # Our own commit does not move data_version for this connection,
         # so the watcher will not reload for it; memory is updated by the
         # caller from the committed row.
+        return changed
 
     async def _refresh(self, token: str) -> KeyRecord | None:
         async with self._db.execute(f"{_SELECT} WHERE token = ?", (token,)) as cursor:

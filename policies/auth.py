@@ -33,12 +33,20 @@ def credential(headers: Mapping[str, str]) -> str | None:
                 "Malformed Authorization header: expected 'Bearer <key>'",
                 param="key",
             )
-        return value
+        return _printable(value)
     for name in ("api-key", "x-api-key"):
         value = headers.get(name, "").strip()
         if value:
-            return value
+            return _printable(value)
     return None
+
+
+def _printable(key: str) -> str:
+    # Every key is printable ASCII; anything else (raw bytes decoded as
+    # surrogates included) is refused before it can reach a message.
+    if not (key.isascii() and key.isprintable()):
+        raise Unauthenticated("An API key is printable ASCII: this one is not", param="key")
+    return key
 
 
 class Authenticate(Policy):

@@ -27,6 +27,16 @@ def find_param(body: dict[str, Any], path: str) -> Any:
     return value
 
 
+def _is_text(value: str) -> bool:
+    # Undecodable header bytes arrive as lone surrogates, which no JSON
+    # body (and no SQLite row) can carry.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _present(value: Any) -> bool:
     if value is None:
         return False
@@ -69,6 +79,11 @@ class RequiredParams(Policy):
             header = self.param_headers.get(param)
             value = ctx.headers.get(header, "").strip() if header else ""
             if value:
+                if not _is_text(value):
+                    raise BadRequest(
+                        f"Header {header} must be UTF-8 text to stand in for {param}",
+                        param=param,
+                    )
                 ctx.body_changes[param] = value
                 continue
             # The wording is LiteLLM's, kept byte for byte: clients and
