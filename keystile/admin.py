@@ -21,6 +21,7 @@ from .keyfields import (
     GENERATE_FIELDS,
     UPDATE_FIELDS,
     parse_duration,
+    reject_unknown,
     validate_fields,
 )
 from .keys import MAX_PAGE_SIZE
@@ -49,8 +50,12 @@ async def require_master(request: web.Request) -> None:
         raise Forbidden(f"Only the master key may call {request.path}")
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    return parse_json(await request.read(), empty={})
+async def _body(request: web.Request, fields: set[str] | None = None) -> dict[str, Any]:
+    """The JSON body (empty counts as {}); with ``fields``, nothing else allowed."""
+    body = parse_json(await request.read(), empty={})
+    if fields is not None:
+        reject_unknown(body, fields)
+    return body
 
 
 def _created(raw: str, record: KeyRecord) -> dict[str, Any]:
@@ -159,10 +164,7 @@ async def update(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     await require_master(request)
-    body = await _body(request)
-    unknown = sorted(set(body) - {"keys", "key_aliases"})
-    if unknown:
-        raise BadRequest(f"Unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    body = await _body(request, {"keys", "key_aliases"})
     refs: list[Any] = []
     for field in ("keys", "key_aliases"):
         value = body.get(field) or []
@@ -177,10 +179,7 @@ async def delete(request: web.Request) -> web.Response:
 
 async def _set_blocked(request: web.Request, blocked: bool) -> web.Response:
     await require_master(request)
-    body = await _body(request)
-    unknown = sorted(set(body) - {"key"})
-    if unknown:
-        raise BadRequest(f"Unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    body = await _body(request, {"key"})
     record = await request.app[KEYS].update(body.get("key"), {"blocked": blocked})
     return json_response(record.public())
 
@@ -195,10 +194,7 @@ async def unblock(request: web.Request) -> web.Response:
 
 async def regenerate(request: web.Request) -> web.Response:
     await require_master(request)
-    body = await _body(request)
-    unknown = sorted(set(body) - {"key", "grace_period"})
-    if unknown:
-        raise BadRequest(f"Unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    body = await _body(request, {"key", "grace_period"})
     grace = body.get("grace_period")
     seconds = None if grace is None else parse_duration(grace, "grace_period")
     raw, record = await request.app[KEYS].regenerate(body.get("key"), seconds)

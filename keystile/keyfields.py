@@ -18,7 +18,8 @@ from keystore.records import (
 
 from .errors import BadRequest
 
-__all__ = ["GENERATE_FIELDS", "UPDATE_FIELDS", "parse_duration", "validate_fields",
+__all__ = ["GENERATE_FIELDS", "UPDATE_FIELDS", "parse_duration", "reject_unknown",
+           "validate_fields",
            "DURATION_UNITS"]
 
 
@@ -99,13 +100,17 @@ def _amount(body: dict[str, Any], field: str) -> float | None:
     return float(value)
 
 
+def reject_unknown(body: dict[str, Any], allowed: set[str] | frozenset[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BadRequest(f"Unknown field(s): {', '.join(unknown)}", param=unknown[0])
+
+
 def validate_fields(body: Any, allowed: frozenset[str]) -> dict[str, Any]:
     """Checked and normalised fields; ``duration`` stays as seconds or None."""
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise BadRequest(f"Unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    reject_unknown(body, allowed)
 
     out: dict[str, Any] = {}
     for field in body:

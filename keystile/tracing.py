@@ -7,6 +7,7 @@ caller can follow one request through its logs and ours; anything else
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 
@@ -22,12 +23,16 @@ DEPLOYMENT = "x-keystile-deployment-id"
 RETRIES = "x-keystile-retries"
 FALLBACK = "x-keystile-fallback"
 _SANE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# New ids are unique without a random draw per request: a random prefix
+# per process, then a counter.
+_PREFIX = secrets.token_hex(8)
+_COUNTER = itertools.count(1)
 
 
 def request_id(given: str | None) -> str:
     if given is not None and _SANE.fullmatch(given):
         return given
-    return secrets.token_hex(16)
+    return f"{_PREFIX}{next(_COUNTER):016x}"
 
 
 async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -1,7 +1,8 @@
 """Rate-limit counters held in this process's memory.
 
 Keystile runs as one process, so the exact answer is cheap: a sliding log
-of request times per key (rpm), a log of token counts per key (tpm) and an
+of request times per key (rpm), token counts per second per key (tpm: a
+count leaves the window with the second it was recorded in) and an
 in-flight count (parallel).  A check and its reservation happen with no
 ``await`` in between, so no two requests can both take the last slot.
 
@@ -27,8 +28,12 @@ WINDOW = 60.0  # seconds that rpm_limit and tpm_limit count over
 
 @dataclass(slots=True)
 class _KeyCounters:
+    # One entry per admitted request of the last minute; never more than
+    # rpm_limit, since a request is only logged when it fits under it.
     requests: deque[float] = field(default_factory=deque)
-    tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    # Tokens per second of the last minute, as [second, count]: at most 60
+    # entries however busy the key is.
+    tokens: deque[list[float]] = field(default_factory=deque)
     token_sum: int = 0
     in_flight: int = 0
 
@@ -39,7 +44,7 @@ class _KeyCounters:
             requests.popleft()
         tokens = self.tokens
         while tokens and tokens[0][0] <= start:
-            self.token_sum -= tokens.popleft()[1]
+            self.token_sum -= int(tokens.popleft()[1])
 
 
 def _seconds(value: float) -> int:
@@ -135,7 +140,12 @@ class MemoryCounters:
         if key.tpm_limit is None or tokens <= 0:
             return
         counters = self._counters(key.token)
-        counters.tokens.append((time.monotonic(), tokens))
+        second = float(math.floor(time.monotonic()))
+        log = counters.tokens
+        if log and log[-1][0] == second:
+            log[-1][1] += tokens
+        else:
+            log.append([second, tokens])
         counters.token_sum += tokens
 
     async def usage(self, key: KeyRecord) -> dict[str, Any]:
