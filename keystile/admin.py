@@ -17,14 +17,16 @@ from policies import Context
 
 from .errors import BadRequest, Forbidden, NotFound
 from .keyfields import (
+    DURATION_UNITS,
     GENERATE_FIELDS,
     UPDATE_FIELDS,
     parse_duration,
     reject_unknown,
     validate_fields,
 )
+from .keys import MAX_PAGE_SIZE
 from .params import json_response, parse_json, positive_int
-from .state import AUTH, CONFIG, CONTEXT, KEYS, KEYSTORE
+from .state import AUTH, CONFIG, CONTEXT, KEYS, KEYSTORE, ROUTER
 
 __all__ = ["add_routes", "caller", "require_master"]
 
@@ -199,7 +201,27 @@ async def regenerate(request: web.Request) -> web.Response:
     return json_response(_created(raw, record))
 
 
+async def settings(request: web.Request) -> web.Response:
+    """What an admin client needs to offer valid choices (the admin page)."""
+    await require_master(request)
+    config = request.app[CONFIG]
+    return json_response({
+        "models": list(request.app[ROUTER].groups),
+        "enforced_params": list(config.enforced_params),
+        "service_account_settings": {
+            "enforced_params": list(config.service_account_params),
+            "param_headers": config.param_headers,
+        },
+        "durations": {
+            "units": DURATION_UNITS,
+            "examples": ["30s", "15m", "12h", "30d"],
+        },
+        "max_page_size": MAX_PAGE_SIZE,
+    })
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/settings", settings)
     app.router.add_post("/key/generate", generate)
     app.router.add_post("/key/service-account/generate", generate_service_account)
     app.router.add_get("/key/info", info)

@@ -14,7 +14,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from keystore import open_keystore
 from policies import Context, Policy, build_chain
 
-from . import admin, explain, spend
+from . import admin, explain, spend, ui
 from .config import Config
 from .errors import (
     BadRequest,
@@ -236,4 +236,5 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
     app.router.add_get("/health/readiness", readiness)
     admin.add_routes(app)
     spend.add_routes(app)
+    ui.add_routes(app)
     return app
