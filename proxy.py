@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from keystile import cli
 from keystile.config import ConfigError, load_config
+from keystile.logs import configure_logging
 from keystile.server import StartupError, serve
 
 _COMMON_DEFAULTS = {"config": "config.yaml", "db": None, "log_level": "info"}
@@ -49,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, default in _COMMON_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, default)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level)
     try:
         config = load_config(args.config, args.db)
     except ConfigError as exc:

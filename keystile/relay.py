@@ -13,6 +13,7 @@ nothing is retried.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import time
@@ -62,6 +63,8 @@ _STREAM_HEADERS = {
 # Upstream error bodies are read whole to pass them on; a sane one is tiny.
 _MAX_ERROR_BODY = 1 << 20
 _LARGE_BODY = 1 << 20
+# Answers that are not streams have only the session's whole-call timeout.
+_NO_DEADLINE = contextlib.nullcontext()
 
 
 _DONE = (b"data: [DONE]", b"data:[DONE]")
@@ -166,7 +169,7 @@ class Relay:
                 # A stream must show its first bytes within stream_timeout,
                 # while it can still be retried elsewhere; the whole call has
                 # timeout.
-                async with asyncio.timeout(first_byte if stream else None):
+                async with asyncio.timeout(first_byte) if stream else _NO_DEADLINE:
                     upstream = await self.session.post(
                         deployment.url(ctx.endpoint), data=_body_payload(payload), headers=headers,
                         timeout=aiohttp.ClientTimeout(total=deployment.timeout),

@@ -12,6 +12,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from .app import create_app
 from .config import Config
+from .logs import FLUSH_INTERVAL, flush_logs
 from .state import CONTEXT
 from .tracing import REQUEST_ID
 
@@ -101,8 +102,18 @@ async def serve(config: Config, host: str, port: int) -> None:
         "Keystile listening on http://%s:%d models=%s database=%s",
         host, bound, ",".join(config.model_names) or "(none)", config.database_path,
     )
+    flusher = asyncio.create_task(_flush_logs_often())
     try:
         await stop.wait()
         logger.info("shutting down")
     finally:
+        flusher.cancel()
         await runner.cleanup()
+        flush_logs()
+
+
+async def _flush_logs_often() -> None:
+    # Buffered log lines reach stderr within this interval even when quiet.
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL)
+        flush_logs()
