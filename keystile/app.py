@@ -131,9 +131,10 @@ def _proxy_handler(endpoint: str) -> Handler:
     return handle
 
 
-async def _limit_headers(request: web.Request, response: web.StreamResponse) -> None:
-    # Every response to a key with limits says where they stand, streams
-    # and errors included; this runs just before the headers go out.
+async def _response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # Runs just before any response's headers go out, streams and errors
+    # included: its request id and route, and where a key's limits stand.
+    add_response_headers(request, response)
     ctx = request.get(CONTEXT)
     if ctx is not None and ctx.response_headers:
         response.headers.update(ctx.response_headers)
@@ -223,8 +224,7 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
             await keystore.close()
 
     app.cleanup_ctx.append(resources)
-    app.on_response_prepare.append(add_response_headers)
-    app.on_response_prepare.append(_limit_headers)
+    app.on_response_prepare.append(_response_headers)
     for endpoint in ENDPOINTS:
         handler = _proxy_handler(endpoint)
         app.router.add_post(f"/{endpoint}", handler)

@@ -95,6 +95,14 @@ class Relay:
     def __init__(self, session: aiohttp.ClientSession, router: Router) -> None:
         self.session = session
         self.router = router
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+
+    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        # One object per distinct value: deployments share a handful of them.
+        timeout = self._timeouts.get(seconds)
+        if timeout is None:
+            timeout = self._timeouts[seconds] = aiohttp.ClientTimeout(total=seconds)
+        return timeout
 
     async def forward(self, request: web.Request, ctx: Context) -> web.StreamResponse:
         """Answer from the first deployment that succeeds, retrying and falling back."""
@@ -163,20 +171,23 @@ class Relay:
         started = time.monotonic()
         upstream: aiohttp.ClientResponse | None = None
         try:
-            with _upstream_errors(
-                group, f"did not answer within {first_byte:g} s", "could not be reached"
-            ):
-                # A stream must show its first bytes within stream_timeout,
-                # while it can still be retried elsewhere; the whole call has
-                # timeout.
-                async with asyncio.timeout(first_byte) if stream else _NO_DEADLINE:
-                    upstream = await self.session.post(
-                        deployment.url(ctx.endpoint), data=_body_payload(payload), headers=headers,
-                        timeout=aiohttp.ClientTimeout(total=deployment.timeout),
-                    )
-                    first = b""
-                    if stream and upstream.status < 400 and _is_sse(upstream):
-                        first = await upstream.content.readany()
+            # A stream must show its first bytes within stream_timeout,
+            # while it can still be retried elsewhere; the whole call has
+            # timeout.
+            async with asyncio.timeout(first_byte) if stream else _NO_DEADLINE:
+                upstream = await self.session.post(
+                    deployment.url(ctx.endpoint), data=_body_payload(payload),
+                    headers=headers, timeout=self._timeout(deployment.timeout),
+                )
+                first = b""
+                if stream and upstream.status < 400 and _is_sse(upstream):
+                    first = await upstream.content.readany()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if upstream is not None:
+                upstream.close()
+            raise _upstream_error(
+                exc, group, f"did not answer within {first_byte:g} s", "could not be reached"
+            ) from exc
         except BaseException:
             # Headers came but the first bytes did not: this connection
             # is in an unknown state and must not go back to the pool.

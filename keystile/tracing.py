@@ -35,8 +35,8 @@ def request_id(given: str | None) -> str:
     return f"{_PREFIX}{next(_COUNTER):016x}"
 
 
-async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """Runs as each response is prepared, whichever layer made it."""
+def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Called as each response is prepared, whichever layer made it."""
     headers = response.headers
     headers[REQUEST_ID] = request_id(request.headers.get(REQUEST_ID))
     ctx = request.get(CONTEXT)
