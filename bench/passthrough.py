@@ -50,7 +50,15 @@ def main() -> None:
     app.on_cleanup.append(on_cleanup)
     app.router.add_post("/v1/chat/completions", forward)
     app.router.add_post("/chat/completions", forward)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    # The same event loop Keystile picks (uvloop when installed), so the
+    # comparison is between the two programs, not between two loops.
+    try:
+        import uvloop
+    except ImportError:
+        loop = None
+    else:
+        loop = uvloop.new_event_loop()
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=loop)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def response_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer gets its request id and route headers, errors included.
+
+    A stream's headers leave when it is prepared, inside the handler, so
+    the code that prepares one adds them itself.  (A middleware rather than
+    an ``on_response_prepare`` signal: the signal costs measurably more.)
+    """
+    response = await _rendered(request, handler)
+    if not response.prepared:
+        add_response_headers(request, response)
+    return response
+
+
+async def _rendered(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render every failure, from any layer, in the OpenAI error envelope."""
     try:
         return await handler(request)
@@ -131,15 +144,6 @@ def _proxy_handler(endpoint: str) -> Handler:
     return handle
 
 
-async def _response_headers(request: web.Request, response: web.StreamResponse) -> None:
-    # Runs just before any response's headers go out, streams and errors
-    # included: its request id and route, and where a key's limits stand.
-    add_response_headers(request, response)
-    ctx = request.get(CONTEXT)
-    if ctx is not None and ctx.response_headers:
-        response.headers.update(ctx.response_headers)
-
-
 async def list_models(request: web.Request) -> web.Response:
     ctx = Context("models", request.headers)
     request[CONTEXT] = ctx
@@ -195,7 +199,7 @@ async def not_found(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[response_middleware])
     app[CONFIG] = config
     router = Router(config.deployments, config.router_settings)
     app[ROUTER] = router
@@ -224,7 +228,6 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
             await keystore.close()
 
     app.cleanup_ctx.append(resources)
-    app.on_response_prepare.append(_response_headers)
     for endpoint in ENDPOINTS:
         handler = _proxy_handler(endpoint)
         app.router.add_post(f"/{endpoint}", handler)

@@ -12,8 +12,10 @@ import atexit
 import logging
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["FLUSH_INTERVAL", "configure_logging", "flush_logs"]
+__all__ = ["FLUSH_INTERVAL", "access_writer", "configure_logging", "flush_logs"]
 
 FLUSH_INTERVAL = 0.5
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -28,14 +30,31 @@ class _Formatter(logging.Formatter):
         self._text = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
+        return self.timestamp(record.created)
+
+    def timestamp(self, moment: float) -> str:
+        second = int(moment)
         if second != self._second:
             self._second = second
             self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return f"{self._text},{int(record.msecs):03d}"
+        return f"{self._text},{int((moment - second) * 1000):03d}"
 
 
 class _BufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    def __init__(self, stream: Any, formatter: _Formatter) -> None:
+        super().__init__(stream)
+        self.setFormatter(formatter)
+        self._timestamps = formatter
+
+    def write_access(self, line: str) -> None:
+        # The one line per request, in the layout every other line has,
+        # without building a LogRecord: under load that machinery costs
+        # more per request than all the policies together.  Only the event
+        # loop's thread writes these, so the handler's lock is not needed.
+        self.stream.write(
+            f"{self._timestamps.timestamp(time.time())} INFO keystile.access: {line}\n"
+        )
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.stream.write(self.format(record) + "\n")
@@ -60,10 +79,19 @@ def configure_logging(level: str) -> None:
         sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8",
         errors="backslashreplace", closefd=False,
     )
-    _handler = _BufferedHandler(stream)
-    _handler.setFormatter(_Formatter())
+    _handler = _BufferedHandler(stream, _Formatter())
     logging.basicConfig(level=level.upper(), handlers=[_handler], force=True)
     atexit.register(flush_logs)
+
+
+def access_writer() -> Callable[[str], None] | None:
+    """Where access lines go when this module set up logging, else None.
+
+    None means logging was set up some other way (tests, an embedding
+    application): access lines then go through the ``keystile.access``
+    logger like any other record.
+    """
+    return _handler.write_access if _handler is not None else None
 
 
 def flush_logs() -> None:

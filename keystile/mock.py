@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from .config import Deployment
+from .tracing import add_response_headers
 from .usage import METER
 
 __all__ = ["mock_response"]
@@ -124,6 +125,7 @@ async def _stream(
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",
     })
+    add_response_headers(request, response)
     await response.prepare(request)
     meter = request.get(METER)
 

@@ -34,6 +34,7 @@ from .errors import ProxyError, UpstreamFailed, UpstreamTimedOut, error_body
 from .mock import mock_response
 from .router import Attempts, Router
 from .sse import EventSplitter
+from .tracing import add_response_headers
 from .usage import METER, STREAM_USAGE_OPTION, Meter
 
 __all__ = ["Relay", "RETRYABLE"]
@@ -246,6 +247,7 @@ class Relay:
     ) -> web.StreamResponse:
         """Relay event by event; the first bytes have arrived, so nothing is retried."""
         response = web.StreamResponse(status=upstream.status, headers=_STREAM_HEADERS)
+        add_response_headers(request, response)
         await response.prepare(request)
         splitter = EventSplitter()
         meter = request.get(METER)

@@ -12,7 +12,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from .app import create_app
 from .config import Config
-from .logs import FLUSH_INTERVAL, flush_logs
+from .logs import FLUSH_INTERVAL, access_writer, flush_logs
 from .state import CONTEXT
 from .tracing import REQUEST_ID
 
@@ -24,6 +24,11 @@ access_logger = logging.getLogger("keystile.access")
 
 class StartupError(Exception):
     """The proxy cannot start; the message says what to fix."""
+
+
+_LINE = (
+    "%s %s %s %d %.1fms key=%s model=%s deployment=%s retries=%d fallback=%s request_id=%s"
+)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -43,13 +48,16 @@ class AccessLogger(AbstractAccessLogger):
                 retries = ctx.route.retries
                 fallback = ctx.route.fallback or "-"
         # The path only: a query string may carry a key (/key/info?key=).
-        self.logger.info(
-            "%s %s %s %d %.1fms key=%s model=%s deployment=%s retries=%d "
-            "fallback=%s request_id=%s",
+        line = _LINE % (
             request.remote, request.method, request.path, response.status,
             time * 1000, caller, group, deployment, retries, fallback,
             response.headers.get(REQUEST_ID, "-"),
         )
+        write = access_writer()
+        if write is None:
+            self.logger.info("%s", line)
+        else:
+            write(line)
 
     @property
     def enabled(self) -> bool:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from keystore import Keystore
-from policies import Context, Policy
+from policies import Policy
 from policies.auth import Authenticate
 
 from .config import Config
+from .context import CONTEXT
 from .keys import KeyService
 from .relay import Relay
 from .router import Router
@@ -22,5 +23,3 @@ ROUTER = web.AppKey("router", Router)
 AUTH = web.AppKey("auth", Authenticate)
 CHAIN = web.AppKey("chain", list[Policy])
 RELAY = web.AppKey("relay", Relay)
-# Per-request: the chain's context, for the access log.
-CONTEXT = web.RequestKey("context", Context)

@@ -13,7 +13,7 @@ import secrets
 
 from aiohttp import web
 
-from .state import CONTEXT
+from .context import CONTEXT
 
 __all__ = ["REQUEST_ID", "add_response_headers", "request_id"]
 
@@ -36,11 +36,16 @@ def request_id(given: str | None) -> str:
 
 
 def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """Called as each response is prepared, whichever layer made it."""
+    """The headers every answer carries; call before its headers go out."""
     headers = response.headers
     headers[REQUEST_ID] = request_id(request.headers.get(REQUEST_ID))
     ctx = request.get(CONTEXT)
-    if ctx is None or ctx.route is None:
+    if ctx is None:
+        return
+    if ctx.response_headers:
+        # Where the key's limits stand, successful answers included.
+        headers.update(ctx.response_headers)
+    if ctx.route is None:
         return
     attempts = ctx.route
     headers[MODEL_GROUP] = attempts.groups[0]
