@@ -87,8 +87,10 @@ async def _rendered(request: web.Request, handler: Handler) -> web.StreamRespons
         # A body that cannot be read as sent, such as broken gzip.
         return error_response(BadRequest(f"The request body could not be read: {exc}"))
     except ConnectionResetError:
-        # The client went away; nobody is left to answer.
-        raise
+        # The client hung up while its answer was being sent.  aiohttp's own
+        # attempt to send this one fails quietly, and the access log shows
+        # the hang-up with the same status the usage ledger records.
+        return web.Response(status=CLIENT_GONE)
     except Exception:
         logger.exception("unexpected error on %s %s", request.method, request.path)
         return internal_error_response()
