@@ -80,6 +80,7 @@ async def generate_service_account(request: web.Request) -> web.Response:
 async def info(request: web.Request) -> web.Response:
     ctx = await caller(request)
     ref = request.query.get("key")
+    record: KeyRecord | None
     if ref is None:
         if ctx.key is None:
             raise BadRequest("Name the key: /key/info?key=<key, hash or alias>",
@@ -91,11 +92,12 @@ async def info(request: web.Request) -> web.Response:
         # The same answer whether or not the named key exists: a virtual key
         # must not learn which aliases or digests are in use.
         try:
-            record = await request.app[KEYS].lookup(ref)
+            named = await request.app[KEYS].lookup(ref)
         except NotFound:
-            record = None
-        if ctx.key is None or record is None or ctx.key.token != record.token:
+            named = None
+        if ctx.key is None or named is None or ctx.key.token != named.token:
             raise Forbidden("A virtual key may only read its own /key/info")
+        record = named
     return json_response({"key": record.token, "info": await _with_usage(request, record)})
 
 

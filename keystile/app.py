@@ -13,6 +13,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from keystore import open_keystore
 from policies import Context, Policy, build_chain
+from policies.auth import Authenticate
 
 from . import admin, explain, spend, ui
 from .config import Config
@@ -220,8 +221,10 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
         )
         app[KEYSTORE] = keystore
         app[KEYS] = KeyService(keystore)
-        app[CHAIN] = build_chain(config, keystore, router)
-        app[AUTH] = app[CHAIN][0]
+        chain = build_chain(config, keystore, router)
+        assert isinstance(chain[0], Authenticate), "the chain starts with authentication"
+        app[CHAIN] = chain
+        app[AUTH] = chain[0]
         app[RELAY] = Relay(session, router)
         try:
             yield

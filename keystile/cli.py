@@ -191,7 +191,7 @@ def _show_list(args: argparse.Namespace, records: list[KeyRecord], total: int) -
         return
     columns = ("key_alias", "key_name", "account_type", "models", "blocked", "expires",
                "token")
-    rows = [columns]
+    rows: list[tuple[str, ...]] = [columns]
     for record in records:
         public = record.public()
         rows.append(tuple(

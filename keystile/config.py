@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ class _Reader:
         return ConfigError(f"{self.path}: {where}: {problem}")
 
     def section(
-        self, value: Any, where: str, known: dict[str, tuple[type, ...]]
+        self, value: Any, where: str, known: Mapping[str, tuple[type, ...]]
     ) -> dict[str, Any]:
         if value is None:
             return {}

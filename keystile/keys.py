@@ -185,5 +185,5 @@ class KeyService:
     async def list(self, where: KeyFilter, page: int, size: int) -> Page:
         size = max(1, min(size, MAX_PAGE_SIZE))
         page = max(1, page)
-        keys, total = await self.keystore.list(where, (page - 1) * size, size)
+        keys, total = await self.keystore.list_keys(where, (page - 1) * size, size)
         return Page(keys, total, page, max(1, -(-total // size)))

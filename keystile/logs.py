@@ -71,7 +71,7 @@ def configure_logging(level: str) -> None:
     global _handler
     # Our lines name neither caller, thread nor process; the logging HOWTO's
     # "Optimization" section lists these switches for skipping that work.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

@@ -98,7 +98,7 @@ class Keystore(Protocol):
 
     async def find_by_alias(self, alias: str) -> KeyRecord | None: ...
 
-    async def list(
+    async def list_keys(
         self, where: KeyFilter, offset: int, limit: int
     ) -> tuple[list[KeyRecord], int]: ...
 

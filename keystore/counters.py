@@ -122,7 +122,7 @@ class MemoryCounters:
     @staticmethod
     def _tokens_free_in(counters: _KeyCounters, tpm: int, now: float) -> float:
         # The first moment enough of the logged tokens leave the window.
-        remaining = counters.token_sum
+        remaining: float = counters.token_sum
         for moment, count in counters.tokens:
             remaining -= count
             if remaining < tpm:

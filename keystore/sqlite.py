@@ -186,7 +186,7 @@ class SqliteKeystore:
             row = await cursor.fetchone()
         return _record(row) if row else None
 
-    async def list(
+    async def list_keys(
         self, where: KeyFilter, offset: int, limit: int
     ) -> tuple[list[KeyRecord], int]:
         clauses, args = [], []
