@@ -21,13 +21,13 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "DEFAULT_DATABASE_URL",
+    "ROUTING_STRATEGIES",
     "Config",
     "ConfigError",
     "Deployment",
     "RouterSettings",
-    "ROUTING_STRATEGIES",
     "load_config",
-    "DEFAULT_DATABASE_URL",
 ]
 
 logger = logging.getLogger(__name__)

@@ -16,13 +16,13 @@ import orjson
 from aiohttp import web
 
 __all__ = [
-    "ProxyError",
     "BadRequest",
-    "Unauthenticated",
+    "Conflict",
     "Forbidden",
     "NotFound",
-    "Conflict",
+    "ProxyError",
     "RateLimited",
+    "Unauthenticated",
     "UpstreamFailed",
     "UpstreamTimedOut",
     "error_body",

@@ -18,9 +18,14 @@ from keystore.records import (
 
 from .errors import BadRequest
 
-__all__ = ["GENERATE_FIELDS", "UPDATE_FIELDS", "parse_duration", "reject_unknown",
-           "validate_fields",
-           "DURATION_UNITS"]
+__all__ = [
+    "DURATION_UNITS",
+    "GENERATE_FIELDS",
+    "UPDATE_FIELDS",
+    "parse_duration",
+    "reject_unknown",
+    "validate_fields",
+]
 
 
 GENERATE_FIELDS = frozenset({

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -42,13 +42,13 @@ def moment(request: web.Request, name: str, *, end: bool) -> float | None:
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
         if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=timezone.utc)
+            parsed = parsed.replace(tzinfo=UTC)
         if end and len(text) == 10:
             # end_date=2026-01-31 means up to the end of that day.
             parsed += timedelta(days=1)
         timestamp = parsed.timestamp()
         # Stored times are written back as UTC dates, which must exist too.
-        datetime.fromtimestamp(timestamp, tz=timezone.utc)
+        datetime.fromtimestamp(timestamp, tz=UTC)
         return timestamp
     except (ValueError, OverflowError, OSError):
         raise BadRequest(

@@ -37,7 +37,7 @@ from .sse import EventSplitter
 from .tracing import add_response_headers
 from .usage import METER, STREAM_USAGE_OPTION, Meter
 
-__all__ = ["Relay", "RETRYABLE"]
+__all__ = ["RETRYABLE", "Relay"]
 
 logger = logging.getLogger(__name__)
 

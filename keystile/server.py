@@ -16,7 +16,7 @@ from .logs import FLUSH_INTERVAL, access_writer, flush_logs
 from .state import CONTEXT
 from .tracing import REQUEST_ID
 
-__all__ = ["AccessLogger", "StartupError", "start", "serve"]
+__all__ = ["AccessLogger", "StartupError", "serve", "start"]
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("keystile.access")

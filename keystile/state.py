@@ -14,7 +14,7 @@ from .keys import KeyService
 from .relay import Relay
 from .router import Router
 
-__all__ = ["CONFIG", "KEYSTORE", "KEYS", "ROUTER", "AUTH", "CHAIN", "RELAY", "CONTEXT"]
+__all__ = ["AUTH", "CHAIN", "CONFIG", "CONTEXT", "KEYS", "KEYSTORE", "RELAY", "ROUTER"]
 
 CONFIG = web.AppKey("config", Config)
 KEYSTORE = web.AppKey("keystore", Keystore)

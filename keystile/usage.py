@@ -24,7 +24,7 @@ from policies import Context
 
 from .config import Deployment
 
-__all__ = ["CLIENT_GONE", "METER", "Meter", "STREAM_USAGE_OPTION", "record"]
+__all__ = ["CLIENT_GONE", "METER", "STREAM_USAGE_OPTION", "Meter", "record"]
 
 # The usual rule of thumb for English text with OpenAI's tokenizers.
 CHARS_PER_TOKEN = 4
@@ -45,8 +45,18 @@ STREAM_USAGE_OPTION = "stream_options.include_usage"
 class Meter:
     """What one request used and how long it took."""
 
-    __slots__ = ("time", "_start", "ttfb", "prompt_tokens", "completion_tokens",
-                 "chars", "streamed", "strip", "client_gone", "answered")
+    __slots__ = (
+        "_start",
+        "answered",
+        "chars",
+        "client_gone",
+        "completion_tokens",
+        "prompt_tokens",
+        "streamed",
+        "strip",
+        "time",
+        "ttfb",
+    )
 
     def __init__(self) -> None:
         self.time = time.time()

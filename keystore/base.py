@@ -14,13 +14,13 @@ from typing import Any, Protocol
 from .records import KeyRecord, UsageRow
 
 __all__ = [
-    "Keystore",
-    "KeyFilter",
-    "KeystoreError",
-    "AliasTaken",
-    "KeyConflict",
     "Admission",
+    "AliasTaken",
     "Counters",
+    "KeyConflict",
+    "KeyFilter",
+    "Keystore",
+    "KeystoreError",
     "UsageFilter",
 ]
 

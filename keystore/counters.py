@@ -21,7 +21,7 @@ from typing import Any
 from .base import Admission
 from .records import KeyRecord
 
-__all__ = ["MemoryCounters", "WINDOW"]
+__all__ = ["WINDOW", "MemoryCounters"]
 
 WINDOW = 60.0  # seconds that rpm_limit and tpm_limit count over
 

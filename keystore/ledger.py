@@ -28,7 +28,7 @@ import aiosqlite
 from .base import UsageFilter
 from .records import KeyRecord, UsageRow, to_iso
 
-__all__ = ["UsageLedger", "REPORT_GROUPS"]
+__all__ = ["REPORT_GROUPS", "UsageLedger"]
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class UsageLedger:
         while not self._closing:
             try:
                 await asyncio.wait_for(self._wake.wait(), _SWEEP_INTERVAL)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             # Cleared before anything else: a wake-up whose rows someone else
             # already flushed must not make this loop spin.
@@ -188,7 +188,7 @@ class UsageLedger:
             if not self._closing:
                 try:
                     await asyncio.wait_for(self._large.wait(), interval)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             self._large.clear()
             try:

@@ -11,21 +11,21 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 __all__ = [
-    "KeyRecord",
     "ACCOUNT_TYPES",
-    "new_key",
-    "hash_key",
-    "display_name",
-    "looks_like_hash",
-    "to_iso",
-    "from_iso",
-    "replace",
-    "duration_seconds",
+    "KeyRecord",
     "UsageRow",
+    "display_name",
+    "duration_seconds",
+    "from_iso",
+    "hash_key",
+    "looks_like_hash",
+    "new_key",
+    "replace",
+    "to_iso",
 ]
 
 ACCOUNT_TYPES = ("user", "service_account")
@@ -71,7 +71,7 @@ def looks_like_hash(value: str) -> bool:
 def to_iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
-    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 

@@ -30,7 +30,7 @@ from .counters import MemoryCounters
 from .ledger import UsageLedger
 from .records import KeyRecord, UsageRow, from_iso, to_iso
 
-__all__ = ["SqliteKeystore", "SCHEMA_VERSION"]
+__all__ = ["SCHEMA_VERSION", "SqliteKeystore"]
 
 logger = logging.getLogger(__name__)
 
