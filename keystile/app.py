@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from keystore import open_keystore
+from keystore import KeystoreBusy, open_keystore
 from policies import Context, Policy, build_chain
 from policies.auth import Authenticate
 
@@ -20,8 +20,8 @@ from .config import Config
 from .errors import (
     BadRequest,
     Forbidden,
-    NotFound,
     ProxyError,
+    Unavailable,
     error_body,
     error_response,
     internal_error_response,
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 # Long chats and inline images make multi-MiB bodies ordinary traffic; the
 # cap only stops a client from filling the memory of a small machine.
 MAX_BODY = 64 * 1024 * 1024
+READINESS_TIMEOUT = 1.0
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -67,6 +68,8 @@ async def _rendered(request: web.Request, handler: Handler) -> web.StreamRespons
         return await handler(request)
     except ProxyError as error:
         return error_response(error)
+    except KeystoreBusy as exc:
+        return error_response(Unavailable(f"Keys cannot be changed right now: {exc}"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -183,22 +186,33 @@ async def liveliness(request: web.Request) -> web.Response:
 
 
 async def readiness(request: web.Request) -> web.Response:
-    try:
-        await request.app[KEYSTORE].ping()
-    except Exception as exc:  # any storage failure means "not ready"
-        logger.warning("readiness check failed: %s", exc)
+    # The check runs beside the request, not under a cancel: a locked file
+    # would otherwise hold the answer while aiosqlite cleans up.  A slow
+    # check finishes on its own; its answer is simply no longer awaited.
+    check = asyncio.ensure_future(request.app[KEYSTORE].ping())
+    check.add_done_callback(_consume)
+    done, _ = await asyncio.wait({check}, timeout=READINESS_TIMEOUT)
+    problem = None
+    if not done:
+        problem = f"no answer within {READINESS_TIMEOUT:g} s"
+    elif check.exception() is not None:
+        problem = str(check.exception())
+    if problem is not None:
+        logger.warning("readiness check failed: %s", problem)
         return web.Response(
             status=503,
-            body=error_body("The keystore is not available", "service_unavailable",
-                            None, 503),
+            body=error_body(f"The keystore is not available: {problem}",
+                            "service_unavailable", None, 503),
             content_type="application/json",
         )
     body = {"status": "healthy", "db": "connected"}
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
-async def not_found(request: web.Request) -> web.Response:
-    raise NotFound(f"No route for {request.method} {request.path}")
+def _consume(task: asyncio.Future[None]) -> None:
+    # Retrieve a late failure so that asyncio does not report it as lost.
+    if not task.cancelled():
+        task.exception()
 
 
 def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Application:

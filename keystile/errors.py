@@ -23,6 +23,7 @@ __all__ = [
     "ProxyError",
     "RateLimited",
     "Unauthenticated",
+    "Unavailable",
     "UpstreamFailed",
     "UpstreamTimedOut",
     "error_body",
@@ -88,6 +89,13 @@ class Conflict(ProxyError):
 class RateLimited(ProxyError):
     status = 429
     type = "rate_limit_error"
+
+
+class Unavailable(ProxyError):
+    """The proxy itself cannot serve this now (its storage is locked)."""
+
+    status = 503
+    type = "service_unavailable"
 
 
 class UpstreamFailed(ProxyError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -14,6 +14,7 @@ __all__ = ["json_response", "moment", "parse_json", "positive_int"]
 
 # Far beyond any real page number, and safe inside SQLite's OFFSET.
 MAX_PAGE = 10**9
+_LAST_MOMENT = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
 
 
 def json_response(payload: Any) -> web.Response:
@@ -24,10 +25,10 @@ def positive_int(request: web.Request, name: str, default: int, maximum: int = M
     value = request.query.get(name)
     if value is None:
         return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadRequest(f"{name} must be a whole number", param=name) from None
+    # int() would also take "1_0" and digits of other scripts.
+    if not (value.isascii() and value.isdigit()):
+        raise BadRequest(f"{name} must be a whole number", param=name)
+    number = int(value)
     if not 1 <= number <= maximum:
         raise BadRequest(f"{name} must be from 1 to {maximum}", param=name)
     return number
@@ -43,19 +44,20 @@ def moment(request: web.Request, name: str, *, end: bool) -> float | None:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
-        if end and len(text) == 10:
-            # end_date=2026-01-31 means up to the end of that day.
-            parsed += timedelta(days=1)
         timestamp = parsed.timestamp()
         # Stored times are written back as UTC dates, which must exist too.
         datetime.fromtimestamp(timestamp, tz=UTC)
-        return timestamp
     except (ValueError, OverflowError, OSError):
         raise BadRequest(
             f"{name} must be a date (2026-01-31) or an ISO 8601 time "
             "(2026-01-31T12:00:00Z) within the years 1 to 9999",
             param=name,
         ) from None
+    if end and not any(mark in text for mark in "T: "):
+        # A date alone (2026-01-31, 20260131, 2026-W05-6) as an end means
+        # up to the end of that day.
+        timestamp = min(timestamp + 86400, _LAST_MOMENT)
+    return timestamp
 
 
 def parse_json(raw: bytes, *, empty: dict[str, Any] | None = None) -> dict[str, Any]:

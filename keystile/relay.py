@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from .config import Deployment
 from .errors import ProxyError, UpstreamFailed, UpstreamTimedOut, error_body
 from .mock import mock_response
 from .router import Attempts, Router
-from .sse import EventSplitter
+from .sse import EventSplitter, EventTooLarge
 from .tracing import add_response_headers
 from .usage import METER, STREAM_USAGE_OPTION, Meter
 
@@ -55,7 +56,7 @@ _DROPPED = frozenset({
 })
 # Upstream headers worth passing back; the rest describe the upstream's
 # connection, not the answer.
-_KEPT = ("Content-Type", "Retry-After")
+_KEPT = ("Content-Type",)
 _STREAM_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -269,7 +270,11 @@ class Relay:
         last: bytes | None = None  # the upstream's [DONE] or its own error event
         error: ProxyError | None = None
         while chunk:
-            events = splitter.feed(chunk)
+            try:
+                events = splitter.feed(chunk)
+            except EventTooLarge as exc:
+                error = UpstreamFailed(f"The upstream for {group!r} broke the stream: {exc}")
+                break
             for i, event in enumerate(events):
                 if event.startswith(_DONE) or event.startswith(_ERROR_EVENT):
                     # Whatever the upstream sends after its end is not ours
@@ -395,8 +400,12 @@ async def _relay_error(
     upstream: aiohttp.ClientResponse, group: str | None, deployment: Deployment
 ) -> web.Response | _Failure:
     body = await _read(upstream, group, _MAX_ERROR_BODY)
-    retry_after = upstream.headers.get("Retry-After")
-    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    # Passed on as whole seconds, and only when it makes sense: some servers
+    # send negative, fractional or nonsense values that clients choke on.
+    seconds = _retry_after(upstream.headers.get("Retry-After"))
+    headers: dict[str, str] = {}
+    if seconds is not None and math.isfinite(seconds):
+        headers["Retry-After"] = str(math.ceil(seconds))
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -417,7 +426,7 @@ async def _relay_error(
         )
     if upstream.status in RETRYABLE:
         return _Failure(deployment, status=upstream.status, response=response,
-                        retry_after=_retry_after(retry_after))
+                        retry_after=seconds)
     return response
 
 

@@ -13,6 +13,7 @@ make a request free.
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Any
 
@@ -30,7 +31,9 @@ __all__ = ["CLIENT_GONE", "METER", "STREAM_USAGE_OPTION", "Meter", "record"]
 CHARS_PER_TOKEN = 4
 # The text fields of a chunk, found without parsing it: counting characters
 # must cost next to nothing, since it only matters for a cut-off stream.
-_TEXT_MARKERS = (b'"content":"', b'"text":"', b'"arguments":"')
+# Where a text field's string starts, in compact JSON or with spaces around
+# the colon (as Python's json module and some servers write it).
+_TEXT_FIELD = re.compile(rb'"(?:content|text|arguments)"\s*:\s*"')
 _BACKSLASH = 0x5C
 # The status recorded when the client hung up (nginx's convention).
 CLIENT_GONE = 499
@@ -218,17 +221,14 @@ def _data(event: bytes) -> bytes | None:
 def _text_chars(event: bytes) -> int:
     """Characters in an event's text fields; escapes count as two (an estimate)."""
     chars = 0
-    for marker in _TEXT_MARKERS:
-        start = event.find(marker)
-        while start != -1:
-            start += len(marker)
-            end = event.find(b'"', start)
-            while end != -1 and event[end - 1] == _BACKSLASH:
-                end = event.find(b'"', end + 1)
-            if end == -1:
-                break
-            chars += end - start
-            start = event.find(marker, end)
+    for marker in _TEXT_FIELD.finditer(event):
+        start = marker.end()
+        end = event.find(b'"', start)
+        while end != -1 and event[end - 1] == _BACKSLASH:
+            end = event.find(b'"', end + 1)
+        if end == -1:
+            break
+        chars += end - start
     return chars
 
 

@@ -13,6 +13,7 @@ from .base import (
     KeyConflict,
     KeyFilter,
     Keystore,
+    KeystoreBusy,
     KeystoreError,
     UsageFilter,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "KeyFilter",
     "KeyRecord",
     "Keystore",
+    "KeystoreBusy",
     "KeystoreError",
     "SqliteKeystore",
     "UsageFilter",

@@ -18,6 +18,7 @@ __all__ = [
     "AliasTaken",
     "Counters",
     "KeyConflict",
+    "KeystoreBusy",
     "KeyFilter",
     "Keystore",
     "KeystoreError",
@@ -35,6 +36,10 @@ class AliasTaken(KeystoreError):
 
 class KeyConflict(KeystoreError):
     pass
+
+
+class KeystoreBusy(KeystoreError):
+    """Storage is locked by someone else (another process holding a write)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from .base import AliasTaken, KeyConflict, KeyFilter, UsageFilter
+from .base import AliasTaken, KeyConflict, KeystoreBusy, KeyFilter, UsageFilter
 from .counters import MemoryCounters
 from .ledger import UsageLedger
 from .records import KeyRecord, UsageRow, from_iso, to_iso
@@ -286,7 +286,13 @@ class SqliteKeystore:
     async def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> int:
         """Run the statements in one transaction; returns the rows they changed."""
         changed = 0
-        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            # busy_timeout has already waited; someone else holds the file.
+            raise KeystoreBusy(
+                f"the database is locked by another connection ({exc}); try again"
+            ) from exc
         try:
             for sql, args in statements:
                 cursor = await self._db.execute(sql, args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import sqlite3
+import threading
 import time
 from typing import Any
 
@@ -121,7 +122,8 @@ async def test_out_of_range_fields_are_400_naming_them(
 
 @pytest.mark.parametrize(
     "query",
-    ["/spend/logs?end_date=9999-12-31", "/spend/logs?start_date=0001-01-01T00:00:00%2B14:00",
+    ["/spend/logs?end_date=10000-01-01", "/spend/logs?start_date=0001-01-01T00:00:00%2B14:00",
+     "/spend/logs?page=%D9%A3", "/spend/logs?page_size=1_0",
      "/spend/logs?page=99999999999999999999999", "/key/list?page=99999999999999999999999"],
 )
 async def test_out_of_range_queries_are_400(proxy: Proxy, query: str) -> None:
@@ -207,3 +209,90 @@ async def test_odd_message_shapes_still_get_a_ledger_row(
     status, logs, _ = await proxy.request("GET", "/spend/logs?key_alias=odd",
                                           key=proxy.master_key)
     assert status == 200 and len(logs["logs"]) == 1
+
+
+async def test_a_stream_that_never_ends_an_event_is_cut_off_with_an_error_event(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    block = b"x" * 65536
+    upstream.script = Script(chunks=[b"data: " + block] + [block] * 140)
+    key = await proxy.generate()
+
+    status, body, _ = await proxy.request(
+        "POST", "/chat/completions", key=key,
+        json={"model": "gpt-3.5-turbo", "messages": [], "stream": True})
+
+    assert status == 200
+    assert len(body) < 1024 * 1024  # nothing of the endless event was relayed
+    assert body.startswith(b'data: {"error":{"message":"The upstream for')
+    assert b"without ending an event" in body and b"[DONE]" not in body
+
+
+async def test_cut_streams_are_estimated_whatever_the_json_spacing(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    events = [b'data: {"choices": [{"delta": {"content": "hello there friend"}}]}\n\n'] * 3
+    upstream.script = Script(chunks=events, break_after=3)
+    key = await proxy.generate(key_alias="spaced")
+
+    status, _, _ = await proxy.request(
+        "POST", "/chat/completions", key=key,
+        json={"model": "gpt-3.5-turbo", "messages": [], "stream": True})
+
+    assert status == 200
+    _, logs, _ = await proxy.request("GET", "/spend/logs?key_alias=spaced",
+                                     key=proxy.master_key)
+    row = logs["logs"][0]
+    assert row["estimated"] in (1, True) and row["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize(("sent", "passed_on"),
+                         [("-5", "0"), ("1.5", "2"), ("inf", None), ("soon", None)])
+async def test_upstream_retry_after_reaches_the_client_as_whole_seconds(
+    make_proxy: MakeProxy, upstream: FakeUpstream, sent: str, passed_on: str | None
+) -> None:
+    config = base_config(upstream)
+    config["router_settings"] = {"num_retries": 0}
+    proxy = await make_proxy(config)
+    upstream.script = Script(status=429, body=b'{"error":{"message":"slow down"}}',
+                             headers={"Retry-After": sent})
+    key = await proxy.generate()
+
+    status, _, headers = await proxy.request("POST", "/chat/completions", key=key,
+                                             json={"model": "gpt-3.5-turbo"})
+
+    assert status == 429
+    assert headers.get("Retry-After") == passed_on
+
+
+async def test_a_locked_database_is_a_503_and_readiness_does_not_hang(proxy: Proxy) -> None:
+    locked = threading.Event()
+    release = threading.Event()
+
+    def hold_lock() -> None:
+        with sqlite3.connect(proxy.db_path, timeout=1) as db:
+            db.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            release.wait(20)
+            db.rollback()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        await asyncio.to_thread(locked.wait, 5)
+        generate = asyncio.create_task(proxy.request(
+            "POST", "/key/generate", key=proxy.master_key, json={"key_alias": "locked"}))
+        started = time.monotonic()
+        ready_status, _, _ = await proxy.request("GET", "/health/readiness")
+        ready_seconds = time.monotonic() - started
+        status, body, _ = await generate
+    finally:
+        release.set()
+        await asyncio.to_thread(holder.join, 20)
+
+    assert ready_status == 503 and ready_seconds < 3
+    assert status == 503
+    assert body["error"]["type"] == "service_unavailable" and "locked" in body["error"]["message"]
+    status, _, _ = await proxy.request("POST", "/key/generate", key=proxy.master_key,
+                                       json={"key_alias": "locked"})
+    assert status == 200  # nothing half-written: the alias is still free
