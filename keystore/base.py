@@ -18,9 +18,9 @@ __all__ = [
     "AliasTaken",
     "Counters",
     "KeyConflict",
-    "KeystoreBusy",
     "KeyFilter",
     "Keystore",
+    "KeystoreBusy",
     "KeystoreError",
     "UsageFilter",
 ]

@@ -25,7 +25,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from .base import AliasTaken, KeyConflict, KeystoreBusy, KeyFilter, UsageFilter
+from .base import AliasTaken, KeyConflict, KeyFilter, KeystoreBusy, UsageFilter
 from .counters import MemoryCounters
 from .ledger import UsageLedger
 from .records import KeyRecord, UsageRow, from_iso, to_iso
