@@ -55,7 +55,6 @@ class Meter:
         "client_gone",
         "completion_tokens",
         "prompt_tokens",
-        "streamed",
         "strip",
         "time",
         "ttfb",
@@ -69,7 +68,6 @@ class Meter:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.chars = 0  # answer characters relayed, for an estimate
-        self.streamed = False
         self.strip = False  # the client did not ask for the usage chunk
         self.client_gone = False  # the client hung up while the answer streamed
         self.answered = False  # a whole JSON answer has been counted
@@ -79,7 +77,6 @@ class Meter:
         body = ctx.body
         if body is None or body.get("stream") is not True or ctx.endpoint == "embeddings":
             return
-        self.streamed = True
         deployment: Deployment = ctx.deployment
         if not deployment.stream_usage:
             return

@@ -10,7 +10,7 @@ import hashlib
 import re
 import secrets
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +24,6 @@ __all__ = [
     "hash_key",
     "looks_like_hash",
     "new_key",
-    "replace",
     "to_iso",
 ]
 

@@ -75,7 +75,6 @@ class Authenticate(Policy):
 
         token = hash_key(presented)
         record = self.keystore.cached(token) or await self.keystore.find(token)
-        shown = display_name(presented)
         now = time.time()
         if record is not None and token == record.grace_token and (
             record.grace_until is None or now >= record.grace_until
@@ -83,16 +82,17 @@ class Authenticate(Policy):
             # The old secret of a regenerated key, past its grace period.
             record = None
         if record is None:
-            raise Unauthenticated(f"Invalid API key {shown}", param="key")
-        self._admit(ctx, record, shown, now)
+            raise Unauthenticated(f"Invalid API key {display_name(presented)}", param="key")
+        self._admit(ctx, record, presented, now)
 
-    def _admit(self, ctx: Context, record: KeyRecord, shown: str, now: float) -> None:
+    def _admit(self, ctx: Context, record: KeyRecord, presented: str, now: float) -> None:
         """Let a known key through unless it is blocked or expired."""
+        # Only refusals name the key, so its display form is made only then.
         if record.blocked:
-            raise Unauthenticated(f"API key {shown} is blocked", param="key")
+            raise Unauthenticated(f"API key {display_name(presented)} is blocked", param="key")
         if record.expired(now):
             raise Unauthenticated(
-                f"API key {shown} expired at {to_iso(record.expires_at)}",
+                f"API key {display_name(presented)} expired at {to_iso(record.expires_at)}",
                 param="key",
                 type="expired_key",
             )
