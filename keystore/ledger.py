@@ -42,10 +42,29 @@ _ROW_COLUMNS = (
     "model_group", "deployment_id", "status", "prompt_tokens", "completion_tokens",
     "cost", "latency_ms", "ttfb_ms", "estimated",
 )
-_INSERT = (
-    f"INSERT INTO usage ({', '.join(_ROW_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(_ROW_COLUMNS))})"
+# Rows go in as one multi-row INSERT per chunk, never one statement per
+# row: Python's sqlite3 lets go of the GIL around every statement step, and
+# while the event loop is busy, taking it back can wait for the interpreter's
+# whole switch interval (5 ms).  Row by row, a batch of a few hundred took
+# hundreds of milliseconds under load; as one statement it takes a few.
+# SQLite before 3.32 allows only 999 parameters per statement.
+_ROWS_PER_INSERT = 2000 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999 // len(_ROW_COLUMNS)
+_PLACEHOLDERS = f"({', '.join('?' * len(_ROW_COLUMNS))})"
+_INSERT = f"INSERT INTO usage ({', '.join(_ROW_COLUMNS)}) VALUES "
+# Spend changes of many keys, in one statement for the same reason: the
+# pairs arrive as a VALUES table (columns column1, column2).
+_ADD_SPEND = (
+    "WITH delta AS (VALUES {pairs}) UPDATE keys SET spend = spend + "
+    "(SELECT column2 FROM delta WHERE column1 = keys.token) "
+    "WHERE token IN (SELECT column1 FROM delta)"
 )
+_RESET_SPEND = (
+    "WITH due AS (VALUES {pairs}) UPDATE keys SET spend = 0, budget_reset_at = "
+    "(SELECT column2 FROM due WHERE column1 = keys.token) "
+    "WHERE token IN (SELECT column1 FROM due)"
+)
+# Pairs per spend statement: far below any SQLite limit on parameters.
+_KEYS_PER_UPDATE = 400
 # The same aggregate columns as the spend_by_* views in schema.sql.
 _TOTALS = (
     "COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens, "
@@ -100,6 +119,10 @@ class UsageLedger:
         self._pending: dict[str, _SpendChange] = {}
         self._flushing: dict[str, _SpendChange] = {}
         self._renamed: dict[str, str] = {}
+        # When the oldest row or change not yet taken by a flush was queued:
+        # the write deadline counts from it, not from the end of the last
+        # write, so a slow write does not push the next one later.
+        self._queued_at: float | None = None
         self._wake = asyncio.Event()
         self._large = asyncio.Event()
         self._closing = False
@@ -120,6 +143,8 @@ class UsageLedger:
                 if due is not None:
                     change.reset_to, change.delta = due, 0.0
                 change.delta += row.cost
+        if self._queued_at is None:
+            self._queued_at = time.monotonic()
         if not self._wake.is_set():
             self._wake.set()
         if len(self._rows) >= _LARGE_BATCH:
@@ -185,9 +210,11 @@ class UsageLedger:
                 self._sweep()
             if not self._rows and not self._pending:
                 continue
-            if not self._closing:
+            queued_at = self._queued_at if self._queued_at is not None else time.monotonic()
+            wait = queued_at + interval - time.monotonic()
+            if not self._closing and wait > 0:
                 try:
-                    await asyncio.wait_for(self._large.wait(), interval)
+                    await asyncio.wait_for(self._large.wait(), wait)
                 except TimeoutError:
                     pass
             self._large.clear()
@@ -218,6 +245,7 @@ class UsageLedger:
                 return
             rows, self._rows = self._rows, []
             self._flushing, self._pending = self._pending, {}
+            self._queued_at = None
             try:
                 await self._write(rows, self._flushing)
             except (sqlite3.OperationalError, ValueError, TypeError, OverflowError,
@@ -243,6 +271,8 @@ class UsageLedger:
 
     def _put_back(self, rows: list[UsageRow]) -> None:
         self._rows[:0] = rows
+        self._queued_at = time.monotonic()
+        self._wake.set()
         for token, change in self._pending.items():
             older = self._flushing.get(token)
             self._flushing[token] = older.then(change) if older else change
@@ -262,25 +292,30 @@ class UsageLedger:
                                  row.key_alias or row.key_hash, row.time)
 
     async def _write(self, rows: list[UsageRow], changes: dict[str, _SpendChange]) -> None:
-        resets = [
-            (to_iso(change.reset_to), token) for token, change in changes.items()
+        resets: list[tuple[str, Any]] = [
+            (token, to_iso(change.reset_to)) for token, change in changes.items()
             if change.reset_to is not None
         ]
-        increments = [
-            (change.delta, token) for token, change in changes.items() if change.delta
+        increments: list[tuple[str, Any]] = [
+            (token, change.delta) for token, change in changes.items() if change.delta
         ]
         await self._db.execute("BEGIN IMMEDIATE")
         try:
-            if rows:
-                await self._db.executemany(_INSERT, [_values(row) for row in rows])
-            if resets:
-                await self._db.executemany(
-                    "UPDATE keys SET spend = 0, budget_reset_at = ? WHERE token = ?", resets
+            for start in range(0, len(rows), _ROWS_PER_INSERT):
+                some = rows[start:start + _ROWS_PER_INSERT]
+                await self._db.execute(
+                    _INSERT + ", ".join([_PLACEHOLDERS] * len(some)),
+                    [value for row in some for value in _values(row)],
                 )
-            if increments:
-                await self._db.executemany(
-                    "UPDATE keys SET spend = spend + ? WHERE token = ?", increments
-                )
+            # Resets before increments: spend earned after a reset counts
+            # in the new period.
+            for statement, pairs in ((_RESET_SPEND, resets), (_ADD_SPEND, increments)):
+                for start in range(0, len(pairs), _KEYS_PER_UPDATE):
+                    chunk = pairs[start:start + _KEYS_PER_UPDATE]
+                    await self._db.execute(
+                        statement.format(pairs=", ".join(["(?, ?)"] * len(chunk))),
+                        [value for pair in chunk for value in pair],
+                    )
             await self._db.execute("COMMIT")
         except BaseException:
             await self._db.execute("ROLLBACK")

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from keystore import KeyRecord, SqliteKeystore, display_name, hash_key, new_key
+from keystore import (
+    KeyRecord,
+    SqliteKeystore,
+    UsageRow,
+    display_name,
+    hash_key,
+    new_key,
+)
 from keystore.sqlite import SCHEMA_VERSION
 
 from ..conftest import Proxy
@@ -111,5 +118,43 @@ async def test_changes_by_another_process_are_picked_up(tmp_path: Path) -> None:
         while time.monotonic() < deadline and not store.cached(record.token).blocked:
             await asyncio.sleep(0.02)
         assert store.cached(record.token).blocked
+    finally:
+        await store.close()
+
+
+async def test_a_batch_larger_than_one_statement_is_written_whole(tmp_path: Path) -> None:
+    # Rows pile up when the file is busy for a while; once written, every
+    # row and every key's spend must be there, however many statements the
+    # batch takes (rows and keys both beyond what one statement holds).
+    path = tmp_path / "k.db"
+    store = await SqliteKeystore.open(path)
+    try:
+        now = time.time()
+        keys = []
+        for number in range(450):
+            raw = new_key()
+            record = KeyRecord(token=hash_key(raw), key_name=display_name(raw),
+                               created_at=now, updated_at=now, key_alias=f"k{number}")
+            stored = await store.insert(record)
+            assert stored is not None
+            keys.append(stored)
+        for number in range(5000):
+            key = keys[number % len(keys)]
+            store.record_usage(UsageRow(
+                time=now, key_hash=key.token, key_alias=key.key_alias,
+                account_type="user", end_user=f"u{number}", endpoint="chat/completions",
+                model_group="m", deployment_id="m-0", status=200, prompt_tokens=1,
+                completion_tokens=2, cost=0.25,
+            ), key)
+        await store.flush()
+
+        with sqlite3.connect(path) as db:
+            users = {row[0] for row in db.execute("SELECT end_user FROM usage")}
+            spends = dict(db.execute("SELECT key_alias, spend FROM keys"))
+        assert users == {f"u{number}" for number in range(5000)}
+        expected = {f"k{n}": 0.25 * len(range(n, 5000, 450)) for n in range(450)}
+        assert spends == pytest.approx(expected)
+        # Memory took the committed values, and counts nothing twice.
+        assert (await store.spend(keys[0]))[0] == pytest.approx(expected["k0"])
     finally:
         await store.close()
