@@ -229,9 +229,11 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
         # requests, which is most of what a proxy can save per call.
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         # No Accept-Encoding of our own: streams must arrive as plain bytes
-        # so they can be relayed as they come.
+        # so they can be relayed as they come.  No cookie jar: the session is
+        # shared by every key, so a kept cookie would pass between tenants.
         session = aiohttp.ClientSession(
-            connector=connector, skip_auto_headers=("User-Agent", "Accept-Encoding")
+            connector=connector, skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         app[KEYSTORE] = keystore
         app[KEYS] = KeyService(keystore)

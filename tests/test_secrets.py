@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from .conftest import Proxy
+from .conftest import MakeProxy, Proxy, base_config
+from .fakes import FakeUpstream, Script
 
 
 async def test_raw_keys_never_reach_logs_or_later_answers(
@@ -39,3 +40,26 @@ async def test_raw_keys_never_reach_logs_or_later_answers(
     assert "/key/info" in logged  # the access log did see those calls
     assert secret not in logged
     assert proxy.master_key not in logged
+
+
+async def test_an_upstream_cookie_is_not_sent_back_with_other_requests(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    # One client pool serves every key: a cookie kept from one answer would
+    # travel with the next request, whoever sent it.  (By host name: cookies
+    # of a bare IP address are never kept anyway.)
+    config = base_config(upstream)
+    port = upstream.url.rsplit(":", 1)[1]
+    config["model_list"][0]["litellm_params"]["api_base"] = f"http://localhost:{port}/v1"
+    proxy = await make_proxy(config)
+    upstream.then(Script(headers={"Set-Cookie": "session=from-first-answer; Path=/"}))
+    first = await proxy.generate(key_alias="first")
+    second = await proxy.generate(key_alias="second")
+    body = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
+
+    for key in (first, second):
+        status, _, _ = await proxy.request("POST", "/chat/completions", key=key, json=body)
+        assert status == 200
+
+    assert len(upstream.received) == 2
+    assert "Cookie" not in upstream.received[1].headers
