@@ -16,6 +16,7 @@ from keystore.records import to_iso
 from policies import Context
 
 from .errors import BadRequest, Forbidden, NotFound
+from .guard import Routes
 from .keyfields import (
     DURATION_UNITS,
     GENERATE_FIELDS,
@@ -222,14 +223,14 @@ async def settings(request: web.Request) -> web.Response:
     })
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/admin/settings", settings)
-    app.router.add_post("/key/generate", generate)
-    app.router.add_post("/key/service-account/generate", generate_service_account)
-    app.router.add_get("/key/info", info)
-    app.router.add_get("/key/list", list_keys)
-    app.router.add_post("/key/update", update)
-    app.router.add_post("/key/delete", delete)
-    app.router.add_post("/key/block", block)
-    app.router.add_post("/key/unblock", unblock)
-    app.router.add_post("/key/regenerate", regenerate)
+def add_routes(routes: Routes) -> None:
+    routes.add_get("/admin/settings", settings)
+    routes.add_post("/key/generate", generate)
+    routes.add_post("/key/service-account/generate", generate_service_account)
+    routes.add_get("/key/info", info)
+    routes.add_get("/key/list", list_keys)
+    routes.add_post("/key/update", update)
+    routes.add_post("/key/delete", delete)
+    routes.add_post("/key/block", block)
+    routes.add_post("/key/unblock", unblock)
+    routes.add_post("/key/regenerate", regenerate)

@@ -1,37 +1,28 @@
-"""The aiohttp application: routes, shared objects and error rendering."""
+"""The aiohttp application: its routes, shared objects and the proxy handler."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
-from keystore import KeystoreBusy, open_keystore
+from keystore import open_keystore
 from policies import Context, Policy, build_chain
 from policies.auth import Authenticate
 
 from . import admin, explain, spend, ui
 from .config import Config
-from .errors import (
-    BadRequest,
-    Forbidden,
-    ProxyError,
-    Unavailable,
-    error_body,
-    error_response,
-    internal_error_response,
-)
+from .errors import Forbidden, ProxyError, error_body
+from .guard import MAX_BODY, Handler, Routes
 from .keys import KeyService
 from .params import parse_json
 from .relay import Relay
 from .router import Router
 from .state import AUTH, CHAIN, CONFIG, CONTEXT, KEYS, KEYSTORE, RELAY, ROUTER
-from .tracing import add_response_headers
 from .usage import CLIENT_GONE, METER, Meter, record
 
 __all__ = ["create_app", "run_chain"]
@@ -39,69 +30,8 @@ __all__ = ["create_app", "run_chain"]
 logger = logging.getLogger(__name__)
 
 
-# Long chats and inline images make multi-MiB bodies ordinary traffic; the
-# cap only stops a client from filling the memory of a small machine.
-MAX_BODY = 64 * 1024 * 1024
 READINESS_TIMEOUT = 1.0
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def response_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every answer gets its request id and route headers, errors included.
-
-    A stream's headers leave when it is prepared, inside the handler, so
-    the code that prepares one adds them itself.  (A middleware rather than
-    an ``on_response_prepare`` signal: the signal costs measurably more.)
-    """
-    response = await _rendered(request, handler)
-    if not response.prepared:
-        add_response_headers(request, response)
-    return response
-
-
-async def _rendered(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every failure, from any layer, in the OpenAI error envelope."""
-    try:
-        return await handler(request)
-    except ProxyError as error:
-        return error_response(error)
-    except KeystoreBusy as exc:
-        return error_response(Unavailable(f"Keys cannot be changed right now: {exc}"))
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        if exc.status == 413:
-            message = f"The request body is larger than {MAX_BODY // (1024 * 1024)} MiB"
-        elif exc.status == 404:
-            message = f"No route for {request.method} {request.path}"
-        elif exc.status == 405:
-            message = f"{request.method} is not allowed on {request.path}"
-        else:
-            message = exc.reason
-        return web.Response(
-            status=exc.status,
-            body=error_body(message, _HTTP_TYPES.get(exc.status, "invalid_request_error"),
-                            None, exc.status),
-            content_type="application/json",
-        )
-    except RequestPayloadError as exc:
-        # A body that cannot be read as sent, such as broken gzip.
-        return error_response(BadRequest(f"The request body could not be read: {exc}"))
-    except ConnectionResetError:
-        # The client hung up while its answer was being sent.  aiohttp's own
-        # attempt to send this one fails quietly, and the access log shows
-        # the hang-up with the same status the usage ledger records.
-        return web.Response(status=CLIENT_GONE)
-    except Exception:
-        logger.exception("unexpected error on %s %s", request.method, request.path)
-        return internal_error_response()
-
-
-_HTTP_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
-
 
 async def run_chain(chain: list[Policy], ctx: Context) -> None:
     for policy in chain:
@@ -216,7 +146,7 @@ def _consume(task: asyncio.Future[None]) -> None:
 
 
 def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[response_middleware])
+    app = web.Application(client_max_size=MAX_BODY)
     app[CONFIG] = config
     router = Router(config.deployments, config.router_settings)
     app[ROUTER] = router
@@ -249,16 +179,18 @@ def create_app(config: Config, *, reload_interval: float = 1.0) -> web.Applicati
             await keystore.close()
 
     app.cleanup_ctx.append(resources)
+    routes = Routes(app.router)
     for endpoint in ENDPOINTS:
         handler = _proxy_handler(endpoint)
-        app.router.add_post(f"/{endpoint}", handler)
-        app.router.add_post(f"/v1/{endpoint}", handler)
+        routes.add_post(f"/{endpoint}", handler)
+        routes.add_post(f"/v1/{endpoint}", handler)
     for path in ("/models", "/v1/models"):
-        app.router.add_get(path, list_models)
-    app.router.add_post("/route/explain", explain_route)
-    app.router.add_get("/health/liveliness", liveliness)
-    app.router.add_get("/health/readiness", readiness)
-    admin.add_routes(app)
-    spend.add_routes(app)
-    ui.add_routes(app)
+        routes.add_get(path, list_models)
+    routes.add_post("/route/explain", explain_route)
+    routes.add_get("/health/liveliness", liveliness)
+    routes.add_get("/health/readiness", readiness)
+    admin.add_routes(routes)
+    spend.add_routes(routes)
+    ui.add_routes(routes)
+    routes.add_fallback()
     return app

@@ -18,8 +18,6 @@ import io
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -27,6 +25,8 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.payload import BytesPayload
+from yarl import URL
 
 from policies import Context
 
@@ -98,6 +98,14 @@ class Relay:
         self.session = session
         self.router = router
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._urls: dict[tuple[str, str], URL] = {}
+
+    def _url(self, deployment: Deployment, endpoint: str) -> URL:
+        key = (deployment.id, endpoint)
+        url = self._urls.get(key)
+        if url is None:
+            url = self._urls[key] = URL(deployment.url(endpoint))
+        return url
 
     def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
         # One object per distinct value: deployments share a handful of them.
@@ -178,7 +186,7 @@ class Relay:
             # timeout.
             async with asyncio.timeout(first_byte) if stream else _NO_DEADLINE:
                 upstream = await self.session.post(
-                    deployment.url(ctx.endpoint), data=_body_payload(payload),
+                    self._url(deployment, ctx.endpoint), data=_body_payload(payload),
                     headers=headers, timeout=self._timeout(deployment.timeout),
                 )
                 first = b""
@@ -352,14 +360,6 @@ def _upstream_error(
     return error
 
 
-@contextmanager
-def _upstream_errors(group: str | None, timed_out: str, failed: str) -> Iterator[None]:
-    try:
-        yield
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise _upstream_error(exc, group, timed_out, failed) from exc
-
-
 def _forwarded_body(ctx: Context, deployment: Deployment) -> dict[str, Any]:
     assert ctx.body is not None
     body = dict(ctx.body)
@@ -390,10 +390,12 @@ def _kept_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
 
 async def _read(upstream: aiohttp.ClientResponse, group: str | None, limit: int | None) -> bytes:
     """The whole body (``None``) or at most ``limit`` bytes of it."""
-    with _upstream_errors(group, "stopped answering", "broke off its answer"):
+    try:
         if limit is None:
             return await upstream.read()
         return await upstream.content.read(limit)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _upstream_error(exc, group, "stopped answering", "broke off its answer") from exc
 
 
 async def _relay_error(
@@ -430,8 +432,8 @@ async def _relay_error(
     return response
 
 
-def _body_payload(payload: bytes) -> bytes | io.BytesIO:
+def _body_payload(payload: bytes) -> BytesPayload | io.BytesIO:
     # aiohttp writes a file-like body in pieces instead of holding the
     # event loop for one large write; a fresh one per attempt, since a
     # retry must send the body again from its start.
-    return io.BytesIO(payload) if len(payload) > _LARGE_BODY else payload
+    return io.BytesIO(payload) if len(payload) > _LARGE_BODY else BytesPayload(payload)

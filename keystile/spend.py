@@ -12,6 +12,7 @@ from keystore import UsageFilter, hash_key, looks_like_hash
 
 from .admin import require_master
 from .errors import BadRequest
+from .guard import Routes
 from .params import json_response, moment, positive_int
 from .state import KEYS, KEYSTORE
 
@@ -72,6 +73,6 @@ async def report(request: web.Request) -> web.Response:
     return json_response({"group_by": group_by, "report": rows})
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/spend/logs", logs)
-    app.router.add_get("/spend/report", report)
+def add_routes(routes: Routes) -> None:
+    routes.add_get("/spend/logs", logs)
+    routes.add_get("/spend/report", report)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .guard import Routes
+
 __all__ = ["SECURITY_HEADERS", "add_routes"]
 
 UI_DIR = Path(__file__).with_name("ui")
@@ -65,11 +67,11 @@ def _handler(file: _File) -> Callable[[web.Request], Awaitable[web.Response]]:
     return serve
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(routes: Routes) -> None:
     files = {path.name: _load(path) for path in sorted(UI_DIR.iterdir())
              if path.suffix in _TYPES}
     index = _handler(files.pop("index.html"))
-    app.router.add_get("/ui", index)
-    app.router.add_get("/ui/", index)
+    routes.add_get("/ui", index)
+    routes.add_get("/ui/", index)
     for name, file in files.items():
-        app.router.add_get(f"/ui/{name}", _handler(file))
+        routes.add_get(f"/ui/{name}", _handler(file))

@@ -97,9 +97,11 @@ async def test_unknown_route_and_method_are_enveloped(proxy: Proxy) -> None:
     assert status == 404
     assert_envelope(body, 404, "not_found_error")
 
-    status, body, _ = await proxy.request("GET", CHAT)
+    status, body, headers = await proxy.request("GET", CHAT)
     assert status == 405
     assert_envelope(body, 405, "invalid_request_error")
+    assert headers["Allow"] == "POST"
+    assert "x-request-id" in headers
 
 
 async def test_upstream_openai_error_passes_unchanged(proxy: Proxy, upstream: FakeUpstream) -> None:
