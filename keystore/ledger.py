@@ -42,15 +42,17 @@ _ROW_COLUMNS = (
     "model_group", "deployment_id", "status", "prompt_tokens", "completion_tokens",
     "cost", "latency_ms", "ttfb_ms", "estimated",
 )
-# Rows go in as one multi-row INSERT per chunk, never one statement per
-# row: Python's sqlite3 lets go of the GIL around every statement step, and
-# while the event loop is busy, taking it back can wait for the interpreter's
-# whole switch interval (5 ms).  Row by row, a batch of a few hundred took
-# hundreds of milliseconds under load; as one statement it takes a few.
-# SQLite before 3.32 allows only 999 parameters per statement.
-_ROWS_PER_INSERT = 2000 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999 // len(_ROW_COLUMNS)
+# Rows go in many to a statement, never one statement per row: Python's
+# sqlite3 lets go of the GIL around every statement step, and while the
+# event loop is busy, taking it back can wait for the interpreter's whole
+# switch interval (5 ms).  Row by row, a batch of a few hundred took
+# hundreds of milliseconds under load.  Full chunks share one statement,
+# compiled once; the rest of a batch gets one statement of its own size.
+# 64 rows of 15 values stay under the 999 parameters old SQLite allows.
+_ROWS_PER_INSERT = 64
 _PLACEHOLDERS = f"({', '.join('?' * len(_ROW_COLUMNS))})"
 _INSERT = f"INSERT INTO usage ({', '.join(_ROW_COLUMNS)}) VALUES "
+_INSERT_CHUNK = _INSERT + ", ".join([_PLACEHOLDERS] * _ROWS_PER_INSERT)
 # Spend changes of many keys, in one statement for the same reason: the
 # pairs arrive as a VALUES table (columns column1, column2).
 _ADD_SPEND = (
@@ -301,11 +303,17 @@ class UsageLedger:
         ]
         await self._db.execute("BEGIN IMMEDIATE")
         try:
-            for start in range(0, len(rows), _ROWS_PER_INSERT):
-                some = rows[start:start + _ROWS_PER_INSERT]
+            whole = len(rows) - len(rows) % _ROWS_PER_INSERT
+            if whole:
+                await self._db.executemany(_INSERT_CHUNK, [
+                    [value for row in rows[start:start + _ROWS_PER_INSERT]
+                     for value in _values(row)]
+                    for start in range(0, whole, _ROWS_PER_INSERT)
+                ])
+            if whole < len(rows):
                 await self._db.execute(
-                    _INSERT + ", ".join([_PLACEHOLDERS] * len(some)),
-                    [value for row in some for value in _values(row)],
+                    _INSERT + ", ".join([_PLACEHOLDERS] * (len(rows) - whole)),
+                    [value for row in rows[whole:] for value in _values(row)],
                 )
             # Resets before increments: spend earned after a reset counts
             # in the new period.
