@@ -74,7 +74,8 @@ class SqliteKeystore:
         try:
             await connection.execute("PRAGMA journal_mode = WAL")
             # NORMAL is durable across process crashes in WAL mode; only a
-            # power loss can lose the last commits.
+            # power loss can lose the last commits.  Key changes raise it to
+            # FULL for their own commits (see _write).
             await connection.execute("PRAGMA synchronous = NORMAL")
             await connection.execute("PRAGMA busy_timeout = 5000")
             await _migrate(connection, path)
@@ -284,7 +285,20 @@ class SqliteKeystore:
             return await self._refresh(refresh) if refresh is not None else None
 
     async def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> int:
-        """Run the statements in one transaction; returns the rows they changed."""
+        """Run the statements in one transaction; returns the rows they changed.
+
+        A key change is answered as done, so it goes to disk before the
+        answer (``synchronous = FULL``), unlike the usage ledger's batches,
+        for which the connection's ``NORMAL`` is safe against a process
+        crash and much cheaper.
+        """
+        await self._db.execute("PRAGMA synchronous = FULL")
+        try:
+            return await self._transaction(statements)
+        finally:
+            await self._db.execute("PRAGMA synchronous = NORMAL")
+
+    async def _transaction(self, statements: list[tuple[str, tuple[Any, ...]]]) -> int:
         changed = 0
         try:
             await self._db.execute("BEGIN IMMEDIATE")
