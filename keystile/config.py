@@ -36,7 +36,7 @@ DEFAULT_DATABASE_URL = "sqlite:///keystile.db"
 DEFAULT_TIMEOUT = 600.0
 # Seconds a usage row waits in memory before its batch is written.  Writing
 # adds a few round trips to SQLite, so a crash loses a little more than this.
-DEFAULT_BATCH_WRITE = 0.05
+DEFAULT_BATCH_WRITE = 0.1
 PROVIDERS = ("openai", "azure", "mock")
 ROUTING_STRATEGIES = ("simple-shuffle", "least-busy", "latency-based-routing")
 # Azure deployment names and API versions go into a URL as they are.
