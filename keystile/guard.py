@@ -3,9 +3,9 @@ and the headers every answer carries.
 
 Each handler is registered wrapped by ``guarded`` rather than behind an
 aiohttp middleware: the middleware machinery adds layers to every request,
-and on the proxy's hot path they cost measurably.  The last route,
-``unrouted``, takes whatever no other route does, so that a wrong path or
-method gets the envelope too.
+and on the proxy's hot path they cost measurably.  The last route (see
+``Routes.add_fallback``) takes whatever no other route does, so that a
+wrong path or method gets the envelope too.
 """
 
 from __future__ import annotations

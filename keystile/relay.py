@@ -25,8 +25,6 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.payload import BytesPayload
-from yarl import URL
 
 from policies import Context
 
@@ -98,14 +96,6 @@ class Relay:
         self.session = session
         self.router = router
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
-        self._urls: dict[tuple[str, str], URL] = {}
-
-    def _url(self, deployment: Deployment, endpoint: str) -> URL:
-        key = (deployment.id, endpoint)
-        url = self._urls.get(key)
-        if url is None:
-            url = self._urls[key] = URL(deployment.url(endpoint))
-        return url
 
     def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
         # One object per distinct value: deployments share a handful of them.
@@ -186,7 +176,7 @@ class Relay:
             # timeout.
             async with asyncio.timeout(first_byte) if stream else _NO_DEADLINE:
                 upstream = await self.session.post(
-                    self._url(deployment, ctx.endpoint), data=_body_payload(payload),
+                    deployment.url(ctx.endpoint), data=_body_payload(payload),
                     headers=headers, timeout=self._timeout(deployment.timeout),
                 )
                 first = b""
@@ -432,8 +422,11 @@ async def _relay_error(
     return response
 
 
-def _body_payload(payload: bytes) -> BytesPayload | io.BytesIO:
+def _body_payload(payload: bytes) -> aiohttp.BytesPayload | io.BytesIO:
     # aiohttp writes a file-like body in pieces instead of holding the
     # event loop for one large write; a fresh one per attempt, since a
     # retry must send the body again from its start.
-    return io.BytesIO(payload) if len(payload) > _LARGE_BODY else BytesPayload(payload)
+    if len(payload) > _LARGE_BODY:
+        return io.BytesIO(payload)
+    # Ready-made, so that aiohttp skips looking up a payload type per call.
+    return aiohttp.BytesPayload(payload)
