@@ -271,6 +271,9 @@ def load_config(path: str | Path, database_override: str | None = None) -> Confi
     top = reader.section(data, "", _TOP)
     general = reader.section(top.get("general_settings"), "general_settings", _GENERAL)
     router = reader.section(top.get("router_settings"), "router_settings", _ROUTER)
+    # Accepted so that a LiteLLM file loads, but none of its settings (such
+    # as drop_params) is implemented: each one present is warned about.
+    reader.section(top.get("litellm_settings"), "litellm_settings", {})
     router_timeout = _positive(reader, router, "timeout", "router_settings", DEFAULT_TIMEOUT)
     deployments = _deployments(reader, top.get("model_list", []), router_timeout)
     router_settings = _router_settings(reader, router, router_timeout, deployments)

@@ -83,12 +83,14 @@ def test_bad_files_name_the_file_and_key(tmp_path: Path, text: str, message: str
 def test_unknown_keys_are_warned_about_not_dropped_silently(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = write(tmp_path, "litellm_settings: {}\ngeneral_settings: {alerting: [slack]}\n")
+    path = write(tmp_path, "litellm_settings: {drop_params: true}\n"
+                           "general_settings: {alerting: [slack]}\n")
 
     with caplog.at_level(logging.WARNING):
         load_config(path)
 
     assert "general_settings.alerting is not understood" in caplog.text
+    assert "litellm_settings.drop_params is not understood" in caplog.text
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
