@@ -53,7 +53,7 @@ def guarded(handler: Handler) -> Handler:
         except ProxyError as error:
             response = error_response(error)
         except KeystoreBusy as exc:
-            response = error_response(Unavailable(f"Keys cannot be changed right now: {exc}"))
+            response = error_response(Unavailable(f"The database cannot be written right now: {exc}"))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

@@ -25,7 +25,7 @@ from typing import Any
 
 import aiosqlite
 
-from .base import UsageFilter
+from .base import KeystoreBusy, UsageFilter
 from .records import KeyRecord, UsageRow, to_iso
 
 __all__ = ["REPORT_GROUPS", "UsageLedger"]
@@ -222,7 +222,7 @@ class UsageLedger:
             self._large.clear()
             try:
                 await self.flush()
-            except (sqlite3.Error, ValueError) as exc:
+            except (sqlite3.Error, KeystoreBusy, ValueError) as exc:
                 # Kept in memory and tried again with the next batch.
                 logger.warning("usage ledger write failed, will retry: %s", exc)
                 await asyncio.sleep(interval)
@@ -242,6 +242,16 @@ class UsageLedger:
                 self._pending[key.token] = _SpendChange(due, 0.0)
 
     async def flush(self) -> None:
+        """Write everything queued now.
+
+        Shielded: aiosqlite runs a statement already handed to it even when
+        its caller is cancelled (a client hanging up on /spend/logs), so a
+        cancel in the middle of a transaction would leave it open or, just
+        after COMMIT, make a written batch look unwritten.
+        """
+        await asyncio.shield(self._flush_now())
+
+    async def _flush_now(self) -> None:
         async with self._lock:
             if not self._rows and not self._pending:
                 return
@@ -250,9 +260,9 @@ class UsageLedger:
             self._queued_at = None
             try:
                 await self._write(rows, self._flushing)
-            except (sqlite3.OperationalError, ValueError, TypeError, OverflowError,
-                    sqlite3.InterfaceError) as exc:
-                if isinstance(exc, sqlite3.OperationalError):
+            except (sqlite3.OperationalError, KeystoreBusy, ValueError, TypeError,
+                    OverflowError, sqlite3.InterfaceError) as exc:
+                if isinstance(exc, (sqlite3.OperationalError, KeystoreBusy)):
                     self._put_back(rows)
                     raise
                 # Something in this batch can never be written; it must not
@@ -262,14 +272,17 @@ class UsageLedger:
                 # Nothing was written: put it all back in front of what came since.
                 self._put_back(rows)
                 raise
-            # Memory now takes the committed values, in the same step that
-            # stops counting them as pending: no await in between.
-            for token, change in self._flushing.items():
-                key = self._lookup(token)
-                if key is not None and key.token == token:
-                    spend, reset_at = change.apply(key.spend, key.budget_reset_at)
-                    self._remember(replace(key, spend=spend, budget_reset_at=reset_at))
-            self._flushing = {}
+            self._committed()
+
+    def _committed(self) -> None:
+        """Memory takes the spend just committed, in the same step that stops
+        counting it as being written: no await in between."""
+        for token, change in self._flushing.items():
+            key = self._lookup(token)
+            if key is not None and key.token == token:
+                spend, reset_at = change.apply(key.spend, key.budget_reset_at)
+                self._remember(replace(key, spend=spend, budget_reset_at=reset_at))
+        self._flushing = {}
 
     def _put_back(self, rows: list[UsageRow]) -> None:
         self._rows[:0] = rows
@@ -281,14 +294,27 @@ class UsageLedger:
         self._pending, self._flushing = self._flushing, {}
 
     async def _salvage(self, rows: list[UsageRow], changes: dict[str, _SpendChange]) -> None:
-        """Write a batch piece by piece, dropping (and logging) what SQLite refuses."""
+        """Write a batch piece by piece, dropping (and logging) what SQLite refuses.
+
+        A locked or failing file is not a bad row: what is not written yet
+        goes back in the queue and the error is raised.
+        """
         try:
             await self._write([], changes)
+        except (sqlite3.OperationalError, KeystoreBusy):
+            self._put_back(rows)
+            raise
         except (ValueError, TypeError, OverflowError, sqlite3.Error):
             logger.exception("usage ledger: dropped spend changes for %d key(s)", len(changes))
-        for row in rows:
+        for index, row in enumerate(rows):
             try:
                 await self._write([row], {})
+            except (sqlite3.OperationalError, KeystoreBusy):
+                # The spend is written: only the rows still to go wait.
+                self._rows[:0] = rows[index:]
+                self._queued_at = time.monotonic()
+                self._committed()
+                raise
             except (ValueError, TypeError, OverflowError, sqlite3.Error):
                 logger.exception("usage ledger: dropped a usage row of key %s at %s",
                                  row.key_alias or row.key_hash, row.time)
@@ -301,7 +327,11 @@ class UsageLedger:
         increments: list[tuple[str, Any]] = [
             (token, change.delta) for token, change in changes.items() if change.delta
         ]
-        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            # busy_timeout has already waited: another process holds the file.
+            raise KeystoreBusy(f"the database is locked by another connection ({exc})") from exc
         try:
             whole = len(rows) - len(rows) % _ROWS_PER_INSERT
             if whole:
@@ -326,7 +356,10 @@ class UsageLedger:
                     )
             await self._db.execute("COMMIT")
         except BaseException:
-            await self._db.execute("ROLLBACK")
+            # SQLite ends some failed transactions itself; roll back only an
+            # open one, so that the error raised is the one that happened.
+            if self._db.in_transaction:
+                await self._db.execute("ROLLBACK")
             raise
 
     # -- reading ----------------------------------------------------------

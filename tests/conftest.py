@@ -3,8 +3,12 @@ upstream over real HTTP, and a fresh SQLite file per test."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import os
+import sqlite3
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,28 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith(("KEYSTILE_", "OPENAI_")):
             monkeypatch.delenv(name)
+
+
+@contextlib.asynccontextmanager
+async def write_lock(db_path: Path) -> AsyncIterator[None]:
+    """Another connection holds the database's write lock while the block runs."""
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with sqlite3.connect(db_path, timeout=1) as db:
+            db.execute("BEGIN IMMEDIATE")
+            locked.set()
+            release.wait(20)
+            db.rollback()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert await asyncio.to_thread(locked.wait, 5), "the lock was not taken"
+        yield
+    finally:
+        release.set()
+        await asyncio.to_thread(holder.join, 20)
 
 
 class Proxy:

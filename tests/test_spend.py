@@ -7,12 +7,13 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from keystore import SqliteKeystore
 from keystore.sqlite import SCHEMA_VERSION
 
-from .conftest import MakeProxy, Proxy
+from .conftest import MakeProxy, Proxy, write_lock
 from .fakes import FakeUpstream
 from .test_limits import chat, priced_config
 
@@ -168,3 +169,52 @@ async def test_a_failed_migration_leaves_version_2_untouched(tmp_path: Path) -> 
     connection.close()
     assert version == 2
     assert "usage" not in tables
+
+
+async def test_a_client_giving_up_on_spend_logs_mid_write_breaks_nothing(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    # /spend/logs writes the queued usage first.  With the file locked by
+    # another process, that write waits; the client gives up meanwhile.
+    # Once the lock is gone the write must finish exactly once, and the
+    # connection must be usable again: no transaction left open.
+    config = priced_config(upstream)
+    config["general_settings"]["proxy_batch_write_at"] = 60  # only /spend/logs writes
+    proxy = await make_proxy(config)
+    key = await proxy.generate(key_alias="alpha")
+    assert (await chat(proxy, key, user="ann"))[0] == 200
+    async with write_lock(proxy.db_path):
+        with pytest.raises(TimeoutError):
+            async with proxy.session.get(
+                proxy.url + "/spend/logs", timeout=aiohttp.ClientTimeout(total=0.5),
+                headers={"Authorization": f"Bearer {proxy.master_key}"},
+            ) as response:
+                await response.read()
+
+    logs = await spend(proxy, "/spend/logs")
+    assert [log["end_user"] for log in logs["logs"]] == ["ann"]
+    assert (await chat(proxy, key, user="bo"))[0] == 200
+    assert (await spend(proxy, "/spend/logs"))["total_count"] == 2
+    assert await proxy.generate(key_alias="beta")
+    with sqlite3.connect(proxy.db_path) as db:
+        assert db.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 2
+        (charged,) = db.execute("SELECT spend FROM keys WHERE key_alias = 'alpha'").fetchone()
+        (cost,) = db.execute("SELECT SUM(cost) FROM usage").fetchone()
+    assert charged == pytest.approx(cost) and cost > 0
+
+
+async def test_spend_logs_answer_503_while_another_process_holds_the_file(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    config = priced_config(upstream)
+    config["general_settings"]["proxy_batch_write_at"] = 60
+    proxy = await make_proxy(config)
+    key = await proxy.generate(key_alias="alpha")
+    assert (await chat(proxy, key, user="ann"))[0] == 200
+    async with write_lock(proxy.db_path):
+        status, body, _ = await proxy.request("GET", "/spend/logs", key=proxy.master_key)
+
+    assert status == 503
+    assert body["error"]["type"] == "service_unavailable" and "locked" in body["error"]["message"]
+    # The row waited in memory and is written once the file is free.
+    assert [log["end_user"] for log in (await spend(proxy, "/spend/logs"))["logs"]] == ["ann"]
