@@ -175,9 +175,12 @@ class Relay:
             # while it can still be retried elsewhere; the whole call has
             # timeout.
             async with asyncio.timeout(first_byte) if stream else _NO_DEADLINE:
+                # Never follow a redirect: it would send the prompt, and for
+                # Azure the api-key header, to wherever the upstream says.
                 upstream = await self.session.post(
                     deployment.url(ctx.endpoint), data=_body_payload(payload),
                     headers=headers, timeout=self._timeout(deployment.timeout),
+                    allow_redirects=False,
                 )
                 first = b""
                 if stream and upstream.status < 400 and _is_sse(upstream):
@@ -199,6 +202,11 @@ class Relay:
         try:
             if upstream.status >= 400:
                 return await _relay_error(upstream, group, deployment)
+            if upstream.status >= 300:
+                raise UpstreamFailed(
+                    f"The upstream for {group!r} answered {upstream.status}, a redirect; "
+                    "Keystile does not follow redirects, so its api_base must be the final address"
+                )
             if not stream:
                 return await self._relay_whole(upstream, group, deployment, seconds,
                                                request.get(METER))

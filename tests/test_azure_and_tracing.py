@@ -110,3 +110,20 @@ async def test_headers_and_access_log_name_the_route(
     assert "deployment=mini-west" in line
     assert "retries=2" in line
     assert "fallback=gpt-4o-mini" in line
+
+
+async def test_an_upstream_redirect_is_not_followed(make_proxy: MakeProxy, make_upstream) -> None:
+    # Following it would send the prompt, and Azure's api-key, elsewhere.
+    fake, elsewhere = await make_upstream(), await make_upstream()
+    fake.script = Script(status=307, body=b"", headers={
+        "Location": f"{elsewhere.url}/openai/deployments/gpt-4o-prod/chat/completions",
+    })
+    proxy = await make_proxy(config([_azure(fake)]))
+
+    status, body, _ = await proxy.request("POST", "/chat/completions", key=MASTER_KEY,
+                                          json={"model": "gpt-4o", "messages": MESSAGES})
+
+    assert status == 502
+    assert body["error"]["type"] == "upstream_error" and "redirect" in body["error"]["message"]
+    assert len(fake.received) >= 1
+    assert elsewhere.received == []
