@@ -96,12 +96,13 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
 
 async def _unrouted(request: web.Request) -> web.StreamResponse:
     """The last route: a path no other route takes, or a method it does not."""
-    allowed = {
-        route.method
-        for resource in request.app.router.resources()
-        if resource.canonical == request.path
-        for route in resource
-    }
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        # Matched the way the router matches, so that a path it did not
+        # take (such as one with an encoded slash) is a 404 here too.
+        _, methods = await resource.resolve(request)
+        if "*" not in methods:
+            allowed |= methods
     if allowed:
         raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
     raise web.HTTPNotFound()

@@ -97,6 +97,10 @@ async def test_unknown_route_and_method_are_enveloped(proxy: Proxy) -> None:
     assert status == 404
     assert_envelope(body, 404, "not_found_error")
 
+    status, body, _ = await proxy.request("POST", "/chat%2Fcompletions", json={})
+    assert status == 404
+    assert_envelope(body, 404, "not_found_error")
+
     status, body, headers = await proxy.request("GET", CHAT)
     assert status == 405
     assert_envelope(body, 405, "invalid_request_error")
