@@ -16,7 +16,7 @@ from policies.auth import Authenticate
 
 from . import admin, explain, spend, ui
 from .config import Config
-from .errors import Forbidden, ProxyError, error_body
+from .errors import BadRequest, Forbidden, ProxyError, error_body
 from .guard import MAX_BODY, Handler, Routes
 from .keys import KeyService
 from .params import parse_json
@@ -43,10 +43,21 @@ def _proxy_handler(endpoint: str) -> Handler:
         app = request.app
         meter = Meter()
         raw = await request.read()
-        ctx = Context(endpoint, request.headers, parse_json(raw), raw)
+        unreadable: BadRequest | None = None
+        try:
+            body = parse_json(raw)
+        except BadRequest as error:
+            body, unreadable = None, error
+        ctx = Context(endpoint, request.headers, body, raw)
         request[CONTEXT] = ctx
         status = 500
         try:
+            if unreadable is not None:
+                # The caller first: a bad key is a 401 whatever the body, and
+                # a good key's unreadable request is in the ledger like any
+                # other refusal.
+                await app[AUTH].check(ctx)
+                raise unreadable
             await run_chain(app[CHAIN], ctx)
             meter.prepare(ctx)
             request[METER] = meter

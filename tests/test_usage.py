@@ -72,8 +72,15 @@ async def test_every_authenticated_request_is_in_the_ledger(
     assert (await chat(proxy, "sk-not-a-key-at-all-0000"))[0] == 401
     assert (await chat(proxy, MASTER_KEY, model="mock-model"))[0] == 200
 
-    ok, forbidden, failed, master = await rows(proxy, 4)
-    assert len(ledger(proxy.db_path)) == 4
+    # A body that is not JSON: still the key's request, still a row; and a
+    # bad key is told so whatever its body.
+    assert (await proxy.request("POST", "/chat/completions", key=key, data=b"{bad json",
+                                headers={"Content-Type": "application/json"}))[0] == 400
+    assert (await proxy.request("POST", "/chat/completions", key="sk-not-a-key-at-all-0000",
+                                data=b"[1, 2]"))[0] == 401
+
+    ok, forbidden, failed, master, unreadable = await rows(proxy, 5)
+    assert len(ledger(proxy.db_path)) == 5
     info = await proxy.admin(f"/key/info?key={key}", method="GET")
     assert ok["key_hash"] == info["key"]
     assert ok["key_alias"] == "team-a"
@@ -93,6 +100,8 @@ async def test_every_authenticated_request_is_in_the_ledger(
     assert master["account_type"] == "master"
     assert master["key_hash"] is None
     assert master["prompt_tokens"] > 0
+    assert (unreadable["status"], unreadable["key_alias"]) == (400, "team-a")
+    assert unreadable["model_group"] is None and unreadable["prompt_tokens"] == 0
 
 
 async def test_stream_usage_is_asked_for_and_hidden_from_a_client_that_did_not(
