@@ -15,7 +15,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FLUSH_INTERVAL", "access_writer", "configure_logging", "flush_logs"]
+from aiohttp.http_exceptions import HttpProcessingError
+
+__all__ = [
+    "CLIENT_FAULTS",
+    "FLUSH_INTERVAL",
+    "access_writer",
+    "configure_logging",
+    "flush_logs",
+]
 
 FLUSH_INTERVAL = 0.5
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -63,6 +71,26 @@ class _BufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
 
+
+class _ClientFaults(logging.Filter):
+    """aiohttp logs every request it cannot parse as an error with a
+    traceback, so any client could fill the log with them.  It is the
+    client's fault, not ours: one line at INFO, without the exception's
+    text, which may quote the request (and a key in one of its headers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "malformed request from %s: %s (HTTP %s)"
+            record.args = (peer, type(error).__name__, error.code)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+# Installed on aiohttp's server logger by the server.
+CLIENT_FAULTS = _ClientFaults()
 
 _handler: _BufferedHandler | None = None
 

@@ -12,7 +12,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from .app import create_app
 from .config import Config
-from .logs import FLUSH_INTERVAL, access_writer, flush_logs
+from .logs import CLIENT_FAULTS, FLUSH_INTERVAL, access_writer, flush_logs
 from .state import CONTEXT
 from .tracing import REQUEST_ID
 
@@ -68,6 +68,7 @@ async def start(
     config: Config, host: str, port: int, *, reload_interval: float = 1.0
 ) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner and the port actually bound."""
+    logging.getLogger("aiohttp.server").addFilter(CLIENT_FAULTS)
     app = create_app(config, reload_interval=reload_interval)
     runner = web.AppRunner(
         app,

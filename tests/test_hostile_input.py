@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import sqlite3
 import threading
 import time
@@ -296,3 +297,24 @@ async def test_a_locked_database_is_a_503_and_readiness_does_not_hang(proxy: Pro
     status, _, _ = await proxy.request("POST", "/key/generate", key=proxy.master_key,
                                        json={"key_alias": "locked"})
     assert status == 200  # nothing half-written: the alias is still free
+
+
+async def test_a_request_that_cannot_be_parsed_is_one_quiet_log_line(
+    proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A header line without a colon, carrying a key: aiohttp refuses it
+    # before any handler runs.  The log must not fill with tracebacks, nor
+    # repeat the request's bytes.
+    caplog.set_level(logging.DEBUG)
+    secret = "sk-this-key-must-never-be-logged-0000"
+
+    status, _ = await raw_request(
+        proxy, b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization Bearer "
+        + secret.encode() + b"\r\n", BODY)
+
+    assert status == 400
+    server = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert secret not in caplog.text
+    assert [r.levelno for r in server] == [logging.INFO]
+    assert "malformed request from" in server[0].getMessage()
+    assert server[0].exc_info is None
