@@ -54,16 +54,18 @@ _PLACEHOLDERS = f"({', '.join('?' * len(_ROW_COLUMNS))})"
 _INSERT = f"INSERT INTO usage ({', '.join(_ROW_COLUMNS)}) VALUES "
 _INSERT_CHUNK = _INSERT + ", ".join([_PLACEHOLDERS] * _ROWS_PER_INSERT)
 # Spend changes of many keys, in one statement for the same reason: the
-# pairs arrive as a VALUES table (columns column1, column2).
+# pairs arrive as a VALUES table (columns column1, column2).  A change queued
+# under a key's previous digest (regenerated meanwhile by another process)
+# still reaches it through grace_token.
 _ADD_SPEND = (
     "WITH delta AS (VALUES {pairs}) UPDATE keys SET spend = spend + "
-    "(SELECT column2 FROM delta WHERE column1 = keys.token) "
-    "WHERE token IN (SELECT column1 FROM delta)"
+    "(SELECT total(column2) FROM delta WHERE column1 IN (keys.token, keys.grace_token)) "
+    "WHERE token IN (SELECT column1 FROM delta) OR grace_token IN (SELECT column1 FROM delta)"
 )
 _RESET_SPEND = (
     "WITH due AS (VALUES {pairs}) UPDATE keys SET spend = 0, budget_reset_at = "
-    "(SELECT column2 FROM due WHERE column1 = keys.token) "
-    "WHERE token IN (SELECT column1 FROM due)"
+    "(SELECT max(column2) FROM due WHERE column1 IN (keys.token, keys.grace_token)) "
+    "WHERE token IN (SELECT column1 FROM due) OR grace_token IN (SELECT column1 FROM due)"
 )
 # Pairs per spend statement: far below any SQLite limit on parameters.
 _KEYS_PER_UPDATE = 400

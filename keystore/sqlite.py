@@ -230,13 +230,18 @@ class SqliteKeystore:
     async def rotate(
         self, token: str, new_token: str, new_name: str, grace_until: float | None
     ) -> KeyRecord | None:
-        """Give a key a new secret; the old one works until ``grace_until``."""
+        """Give a key a new secret; the old one works until ``grace_until``.
+
+        The old digest is kept even without a grace period (which then ends
+        at once): spend that another process still has queued under it must
+        find the key when it is written.
+        """
+        now = time.time()
         return await self._commit(
             [(
                 "UPDATE keys SET token = ?, key_name = ?, grace_token = ?, "
                 "grace_until = ?, updated_at = ? WHERE token = ?",
-                (new_token, new_name, token if grace_until else None,
-                 to_iso(grace_until), to_iso(time.time()), token),
+                (new_token, new_name, token, to_iso(grace_until or now), to_iso(now), token),
             )],
             forget=[token],
             refresh=new_token,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -154,3 +155,28 @@ async def test_a_mistyped_database_path_is_reported_not_created(live: Proxy, tmp
     assert result.returncode == 2
     assert f"no database at {missing}" in result.stderr
     assert not missing.exists()
+
+
+async def test_regenerating_from_the_command_line_keeps_spend_queued_by_the_proxy(
+    make_proxy: MakeProxy,
+) -> None:
+    # The proxy has spend queued under the key's digest when another
+    # process gives the key a new one; written afterwards, it must still
+    # land on the key.
+    config = base_config(None)
+    config["general_settings"]["proxy_batch_write_at"] = 60  # only /spend/logs writes
+    config["model_list"][0]["model_info"] = {"input_cost_per_token": 0.5}
+    live = await make_proxy(config)
+    raw = await live.generate(key_alias="busy")
+    for _ in range(3):
+        status, _, _ = await live.request("POST", "/chat/completions", key=raw, json=HELLO)
+        assert status == 200
+
+    result = await asyncio.to_thread(keys, live, "regenerate", "busy")
+    assert result.returncode == 0, result.stderr
+    logs = await live.admin("/spend/logs", method="GET")
+
+    assert logs["total_count"] == 3
+    with sqlite3.connect(live.db_path) as db:
+        (spend,) = db.execute("SELECT spend FROM keys WHERE key_alias = 'busy'").fetchone()
+    assert spend == pytest.approx(sum(log["cost"] for log in logs["logs"])) and spend > 0
