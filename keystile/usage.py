@@ -37,6 +37,10 @@ _TEXT_FIELD = re.compile(rb'"(?:content|text|arguments)"\s*:\s*"')
 _BACKSLASH = 0x5C
 # The status recorded when the client hung up (nginx's convention).
 CLIENT_GONE = 499
+# Stream events are counted for an estimate only when the stream ends
+# without usage, which is rare; until then they are kept, up to this many
+# bytes per request, and counted when more arrive.
+_UNCOUNTED_BYTES = 64 * 1024
 
 
 # More tokens than any model answers with in one request.
@@ -50,6 +54,8 @@ class Meter:
 
     __slots__ = (
         "_start",
+        "_uncounted",
+        "_uncounted_bytes",
         "answered",
         "chars",
         "client_gone",
@@ -68,6 +74,8 @@ class Meter:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.chars = 0  # answer characters relayed, for an estimate
+        self._uncounted: list[bytes] = []  # events relayed but not yet in chars
+        self._uncounted_bytes = 0
         self.strip = False  # the client did not ask for the usage chunk
         self.client_gone = False  # the client hung up while the answer streamed
         self.answered = False  # a whole JSON answer has been counted
@@ -118,7 +126,10 @@ class Meter:
             # every other chunk once usage is asked for.
             if b'"usage"' not in event or b'"usage":null' in event:
                 if self.prompt_tokens is None:
-                    self.chars += _text_chars(event)
+                    self._uncounted.append(event)
+                    self._uncounted_bytes += len(event)
+                    if self._uncounted_bytes > _UNCOUNTED_BYTES:
+                        self._count_events()
                 continue
             data = _data(event)
             try:
@@ -137,7 +148,13 @@ class Meter:
             return False
         self.prompt_tokens = _token_count(usage.get("prompt_tokens"))
         self.completion_tokens = _token_count(usage.get("completion_tokens"))
+        self._uncounted.clear()  # no estimate needed any more
         return True
+
+    def _count_events(self) -> None:
+        self.chars += sum(_text_chars(event) for event in self._uncounted)
+        self._uncounted.clear()
+        self._uncounted_bytes = 0
 
     def _count(self, choices: Any, part: str) -> None:
         if not isinstance(choices, list):
@@ -176,6 +193,7 @@ class Meter:
         elif deployment is not None and (status < 400 or status == CLIENT_GONE):
             # The upstream got the request and never said what it used: a
             # stream cut off, a client gone, a server that reports nothing.
+            self._count_events()
             row.prompt_tokens = _tokens(_prompt_chars(body))
             row.completion_tokens = _tokens(self.chars)
             row.estimated = True

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from .conftest import MASTER_KEY, MakeProxy, Proxy, base_config
-from .fakes import FakeUpstream, Script
+from .fakes import FakeUpstream, Script, sse_chunks
 from .routes import chat as routed_chat
 from .routes import config as routed_config
 from .routes import deployment
@@ -185,6 +185,24 @@ async def test_a_stream_cut_off_by_the_upstream_is_estimated_and_charged(
     assert row["cost"] == pytest.approx(2 * 0.001 + 3 * 0.002)
     info = await proxy.admin(f"/key/info?key={key}", method="GET")
     assert info["info"]["spend"] == pytest.approx(row["cost"])
+
+
+async def test_a_long_cut_off_stream_is_estimated_from_all_it_relayed(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    # Enough text that the estimate is counted in several parts along the way.
+    words = ["word " * 200] * 500  # 500 events of 1,000 characters each
+    upstream.script.chunks = sse_chunks("gpt-3.5-turbo", words)
+    upstream.script.break_after = 400
+    proxy = await make_proxy(priced_config(upstream))
+    key = await proxy.generate()
+
+    status, raw, _ = await chat(proxy, key, stream=True)
+
+    assert status == 200
+    assert events(raw)[-1]["error"]["type"] == "upstream_error"
+    (row,) = await rows(proxy, 1)
+    assert (row["completion_tokens"], row["estimated"]) == (400 * 1000 // 4, 1)
 
 
 async def test_a_client_hanging_up_mid_stream_is_still_recorded(
