@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from keystore import open_keystore
 from policies import Context, Policy, build_chain
@@ -42,22 +43,17 @@ def _proxy_handler(endpoint: str) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         app = request.app
         meter = Meter()
-        raw = await request.read()
-        unreadable: BadRequest | None = None
-        try:
-            body = parse_json(raw)
-        except BadRequest as error:
-            body, unreadable = None, error
-        ctx = Context(endpoint, request.headers, body, raw)
+        ctx = Context(endpoint, request.headers)
         request[CONTEXT] = ctx
         status = 500
         try:
-            if unreadable is not None:
-                # The caller first: a bad key is a 401 whatever the body, and
-                # a good key's unreadable request is in the ledger like any
-                # other refusal.
-                await app[AUTH].check(ctx)
-                raise unreadable
+            # The caller before the body: a bad key is a 401 whatever it
+            # sent, and a known key's unreadable request is in the ledger
+            # like any other refusal.  (The chain's own authentication then
+            # finds the caller already known.)
+            await app[AUTH].check(ctx)
+            ctx.raw_body = await _read_body(request)
+            ctx.body = parse_json(ctx.raw_body)
             await run_chain(app[CHAIN], ctx)
             meter.prepare(ctx)
             request[METER] = meter
@@ -68,7 +64,7 @@ def _proxy_handler(endpoint: str) -> Handler:
             ):
                 meter.body(response.body)
             return response
-        except ProxyError as error:
+        except (ProxyError, web.HTTPException) as error:
             status = error.status
             raise
         except (asyncio.CancelledError, ConnectionResetError):
@@ -89,6 +85,14 @@ def _proxy_handler(endpoint: str) -> Handler:
                     logger.exception("could not record usage of %s", request.path)
 
     return handle
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except RequestPayloadError as exc:
+        # A body that cannot be read as sent, such as broken gzip.
+        raise BadRequest(f"The request body could not be read: {exc}") from exc
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -71,6 +71,10 @@ def guarded(handler: Handler) -> Handler:
             response = internal_error_response()
         if not response.prepared:
             add_response_headers(request, response)
+            if response.status >= 400 and request.content.exception() is not None:
+                # The body could not be read to its end, so the connection
+                # cannot carry another request: say so rather than drop it.
+                response.force_close()
         return response
 
     return guard

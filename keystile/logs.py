@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 __all__ = [
     "CLIENT_FAULTS",
@@ -73,18 +74,19 @@ class _BufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 class _ClientFaults(logging.Filter):
-    """aiohttp logs every request it cannot parse as an error with a
-    traceback, so any client could fill the log with them.  It is the
-    client's fault, not ours: one line at INFO, without the exception's
+    """aiohttp logs every request it cannot parse or decode as an error
+    with a traceback, so any client could fill the log with them.  It is
+    the client's fault, not ours: a DEBUG line, without the exception's
     text, which may quote the request (and a key in one of its headers)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError):
-            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-            record.msg = "malformed request from %s: %s (HTTP %s)"
-            record.args = (peer, type(error).__name__, error.code)
-            record.levelno, record.levelname = logging.INFO, "INFO"
+        if isinstance(error, (HttpProcessingError, RequestPayloadError)):
+            # The access log has a line for the request already; this one
+            # only says why, for whoever turns DEBUG on.
+            record.msg = "malformed request: %s"
+            record.args = (type(error).__name__,)
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             record.exc_info = record.exc_text = None
         return True
 

@@ -57,6 +57,8 @@ class Authenticate(Policy):
         self._master = master_key.encode() if master_key else None
 
     async def check(self, ctx: Context) -> None:
+        if ctx.key is not None or ctx.is_master:
+            return  # already authenticated by the handler, before the body
         if ctx.named_key is not None and ctx.dry_run:
             self._admit(ctx, ctx.named_key, ctx.named_key.key_name, time.time())
             return

@@ -330,3 +330,21 @@ async def test_a_fallback_to_a_server_without_stream_usage_is_not_sent_the_optio
     assert status == 200 and headers["x-keystile-fallback"] == "backup"
     assert first.received[0].json["stream_options"] == {"include_usage": True}
     assert "stream_options" not in second.received[0].json
+
+
+async def test_a_body_that_cannot_be_read_is_refused_after_the_key_is_checked(
+    proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = await proxy.generate(key_alias="gz")
+    broken = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+
+    status, body, _ = await proxy.request("POST", "/chat/completions", key=key,
+                                          data=b"not gzip at all", headers=broken)
+    assert status == 400 and "could not be read" in body["error"]["message"]
+    status, _, _ = await proxy.request("POST", "/chat/completions", key="sk-not-a-key-0000",
+                                       data=b"not gzip at all", headers=broken)
+    assert status == 401
+
+    (row,) = await rows(proxy, 1)
+    assert (row["key_alias"], row["status"]) == ("gz", 400)
+    assert "Traceback" not in caplog.text
