@@ -130,10 +130,12 @@ class KeyService:
         ref = ref.strip()
         if param == "key_aliases":
             record = await self.keystore.find_by_alias(ref)
-        elif ref.startswith("sk-"):
-            record = await self.keystore.find(hash_key(ref))
-        elif looks_like_hash(ref):
-            record = await self.keystore.find(ref)
+        elif ref.startswith("sk-") or looks_like_hash(ref):
+            digest = hash_key(ref) if ref.startswith("sk-") else ref
+            record = await self.keystore.find(digest)
+            if record is not None and record.retired(digest, time.time()):
+                # A secret that no longer works names no key either.
+                record = None
         else:
             record = await self.keystore.find_by_alias(ref)
         if record is None:

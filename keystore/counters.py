@@ -162,5 +162,8 @@ class MemoryCounters:
     def rename(self, old: str, new: str) -> None:
         """A regenerated key keeps its counters under its new digest."""
         counters = self._keys.pop(old, None)
-        if counters is not None:
+        # After a regenerate by another process the new digest may already
+        # count requests of its own; those stay (admissions in flight keep
+        # their own handle either way).
+        if counters is not None and new not in self._keys:
             self._keys[new] = counters

@@ -15,6 +15,7 @@ budget check never sees less than the truth.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import sqlite3
@@ -34,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 # A batch this large is written without waiting for the interval to end.
 _LARGE_BATCH = 512
+# Tries to write what is queued at shutdown while the file is locked; each
+# waits SQLite's busy timeout (5 s).
+_CLOSE_ATTEMPTS = 6
 # Idle keys whose budget period ended get their reset written this often.
 _SWEEP_INTERVAL = 1.0
 
@@ -130,6 +134,7 @@ class UsageLedger:
         self._wake = asyncio.Event()
         self._large = asyncio.Event()
         self._closing = False
+        self._closed = asyncio.Event()  # set by close(): ends any pause at once
         self._writer: asyncio.Task[None] | None = None
 
     # -- the request path: memory only ----------------------------------
@@ -177,7 +182,10 @@ class UsageLedger:
         """
         change = self._pending.pop(old, None)
         if change is not None:
-            self._pending[new] = change
+            # After a regenerate by another process, the new digest may
+            # have spend of its own already; the old digest's came first.
+            newer = self._pending.get(new)
+            self._pending[new] = change.then(newer) if newer is not None else change
         for before, after in self._renamed.items():
             if after == old:
                 self._renamed[before] = new
@@ -190,14 +198,31 @@ class UsageLedger:
             self._writer = asyncio.create_task(self._run(interval))
 
     async def close(self) -> None:
-        """Stop the writer and write everything still queued."""
+        """Stop the writer and write everything still queued.
+
+        While another process holds the file, keep trying (each try waits
+        SQLite's busy timeout) for a while before giving up with an error:
+        a shutdown should not drop usage because of someone's sqlite3 shell.
+        """
         self._closing = True
+        self._closed.set()
         self._wake.set()
         self._large.set()
         if self._writer is not None:
             await self._writer
             self._writer = None
-        await self.flush()
+        for _ in range(_CLOSE_ATTEMPTS - 1):
+            try:
+                await self.flush()
+                return
+            except (sqlite3.OperationalError, KeystoreBusy) as exc:
+                logger.warning("usage ledger: %d row(s) not written yet at shutdown (%s); "
+                               "trying again", len(self._rows), exc)
+        try:
+            await self.flush()
+        except (sqlite3.OperationalError, KeystoreBusy) as exc:
+            logger.error("usage ledger: %d usage row(s) and the spend of %d key(s) were not "
+                         "written: %s", len(self._rows), len(self._pending), exc)
 
     async def _run(self, interval: float) -> None:
         swept = time.monotonic()
@@ -227,11 +252,16 @@ class UsageLedger:
             except (sqlite3.Error, KeystoreBusy, ValueError) as exc:
                 # Kept in memory and tried again with the next batch.
                 logger.warning("usage ledger write failed, will retry: %s", exc)
-                await asyncio.sleep(interval)
+                await self._pause(interval)
             except Exception:
                 # Kept in memory too; the writer must outlive a bug in one batch.
                 logger.exception("usage ledger write failed, will retry")
-                await asyncio.sleep(interval)
+                await self._pause(interval)
+
+    async def _pause(self, seconds: float) -> None:
+        # After a failed write; a shutdown does not wait for it to end.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), seconds)
 
     def _sweep(self) -> None:
         now = time.time()
@@ -281,7 +311,8 @@ class UsageLedger:
         counting it as being written: no await in between."""
         for token, change in self._flushing.items():
             key = self._lookup(token)
-            if key is not None and key.token == token:
+            # Under its previous digest too: the SQL found the key that way.
+            if key is not None and token in (key.token, key.grace_token):
                 spend, reset_at = change.apply(key.spend, key.budget_reset_at)
                 self._remember(replace(key, spend=spend, budget_reset_at=reset_at))
         self._flushing = {}

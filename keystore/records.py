@@ -112,6 +112,12 @@ class KeyRecord:
     def is_service_account(self) -> bool:
         return self.account_type == "service_account"
 
+    def retired(self, token: str, now: float) -> bool:
+        """Whether ``token`` is this key's previous digest, past its grace period."""
+        return token == self.grace_token and (
+            self.grace_until is None or now >= self.grace_until
+        )
+
     def expired(self, now: float | None = None) -> bool:
         return self.expires_at is not None and (now or time.time()) >= self.expires_at
 

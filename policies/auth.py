@@ -78,10 +78,7 @@ class Authenticate(Policy):
         token = hash_key(presented)
         record = self.keystore.cached(token) or await self.keystore.find(token)
         now = time.time()
-        if record is not None and token == record.grace_token and (
-            record.grace_until is None or now >= record.grace_until
-        ):
-            # The old secret of a regenerated key, past its grace period.
+        if record is not None and record.retired(token, now):
             record = None
         if record is None:
             raise Unauthenticated(f"Invalid API key {display_name(presented)}", param="key")

@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from .conftest import MakeProxy, Proxy, base_config
+from .test_limits import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -172,8 +173,20 @@ async def test_regenerating_from_the_command_line_keeps_spend_queued_by_the_prox
         status, _, _ = await live.request("POST", "/chat/completions", key=raw, json=HELLO)
         assert status == 200
 
-    result = await asyncio.to_thread(keys, live, "regenerate", "busy")
-    assert result.returncode == 0, result.stderr
+    # Twice, each seen by the proxy before the next: the first digest is
+    # then neither the key's token nor its previous one.
+    for _ in range(2):
+        before = (await live.admin("/key/info?key=busy", method="GET"))["info"]["key_name"]
+        result = await asyncio.to_thread(keys, live, "regenerate", "busy")
+        assert result.returncode == 0, result.stderr
+
+        async def noticed(before: str = before) -> bool:
+            info = await live.admin("/key/info?key=busy", method="GET")
+            return bool(info["info"]["key_name"] != before)
+
+        await wait_for(noticed)
+    status, _, _ = await live.request("POST", "/chat/completions", key=raw, json=HELLO)
+    assert status == 401  # the first secret is retired
     logs = await live.admin("/spend/logs", method="GET")
 
     assert logs["total_count"] == 3

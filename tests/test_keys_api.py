@@ -245,6 +245,11 @@ async def test_regenerate_without_grace_retires_the_old_key(proxy: Proxy) -> Non
     assert rotated["models"] == ["mock-model"]
     assert (await chat_status(proxy, created["key"]))[0] == 401
     assert (await chat_status(proxy, rotated["key"]))[0] == 200
+    # Nor does the retired secret, or its digest, name the key any more.
+    for ref in (created["key"], created["token"]):
+        status, body, _ = await proxy.request("GET", f"/key/info?key={ref}",
+                                              key=proxy.master_key)
+        assert status == 404, body
 
 
 async def test_regenerate_with_grace_keeps_the_old_key_for_a_while(proxy: Proxy) -> None:

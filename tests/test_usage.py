@@ -5,6 +5,7 @@ path's promises (200 ms, flushed on shutdown)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -19,7 +20,7 @@ import orjson
 import pytest
 import yaml
 
-from .conftest import MASTER_KEY, MakeProxy, Proxy, base_config
+from .conftest import MASTER_KEY, MakeProxy, Proxy, base_config, write_lock
 from .fakes import FakeUpstream, Script, sse_chunks
 from .routes import chat as routed_chat
 from .routes import config as routed_config
@@ -264,8 +265,14 @@ async def test_a_row_is_durable_within_200_ms_of_the_response(proxy: Proxy) -> N
     assert worst < 0.2
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-async def test_shutdown_writes_everything_queued(tmp_path: Path, signum: int) -> None:
+@pytest.mark.parametrize("signum, locked", [
+    (signal.SIGTERM, False), (signal.SIGINT, False),
+    # Another process holds the file for longer than one busy timeout.
+    (signal.SIGTERM, True),
+])
+async def test_shutdown_writes_everything_queued(
+    tmp_path: Path, signum: int, locked: bool
+) -> None:
     config = base_config(None) | {}
     config["general_settings"]["proxy_batch_write_at"] = 60  # only shutdown writes
     config["model_list"][0]["model_info"] = {"input_cost_per_token": 0.5}
@@ -296,8 +303,15 @@ async def test_shutdown_writes_everything_queued(tmp_path: Path, signum: int) ->
                     assert response.status == 200
         assert ledger(db) == []
 
-        process.send_signal(signum)
-        assert await asyncio.to_thread(process.wait, 10) == 0
+        async with contextlib.AsyncExitStack() as stack:
+            if locked:
+                await stack.enter_async_context(write_lock(db))
+            process.send_signal(signum)
+            while locked:
+                line = await asyncio.to_thread(process.stderr.readline)
+                assert line, "the proxy exited while the file was locked"
+                locked = "trying again" not in line
+        assert await asyncio.to_thread(process.wait, 15) == 0
     finally:
         if process.poll() is None:
             process.kill()
