@@ -84,9 +84,10 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     if exc.status == 413:
         message = f"The request body is larger than {MAX_BODY // (1024 * 1024)} MiB"
     elif exc.status == 404:
-        message = f"No route for {request.method} {request.path}"
+        # As sent: decoded, /chat%2Fcompletions would read as a real route.
+        message = f"No route for {request.method} {request.raw_path}"
     elif exc.status == 405:
-        message = f"{request.method} is not allowed on {request.path}"
+        message = f"{request.method} is not allowed on {request.raw_path}"
     else:
         message = exc.reason
     return web.Response(
@@ -120,7 +121,8 @@ class Routes:
 
     def add_fallback(self) -> None:
         """The last route: call after every other one is added."""
-        self._router.add_route("*", "/{tail:.*}", guarded(_unrouted))
+        # Any character after the slash, a decoded newline included.
+        self._router.add_route("*", r"/{tail:[\s\S]*}", guarded(_unrouted))
 
     def add_get(self, path: str, handler: Handler) -> None:
         self._router.add_get(path, guarded(handler))

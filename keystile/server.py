@@ -53,6 +53,10 @@ class AccessLogger(AbstractAccessLogger):
             time * 1000, caller, group, deployment, retries, fallback,
             response.headers.get(REQUEST_ID, "-"),
         )
+        if not line.isprintable():
+            # A path may carry any decoded character, a newline included:
+            # escaped, it cannot pass for a line of its own.
+            line = line.encode("unicode_escape").decode("ascii")
         write = access_writer()
         if write is None:
             self.logger.info("%s", line)

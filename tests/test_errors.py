@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from typing import Any
 
@@ -182,3 +183,18 @@ async def test_large_bodies_are_normal_traffic(proxy: Proxy, upstream: FakeUpstr
 
     assert status == 200, body
     assert upstream.received[0].json["messages"] == messages
+
+
+async def test_a_newline_in_the_path_gets_the_envelope_and_cannot_forge_a_log_line(
+    proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    forged = "2026-01-01 00:00:00,000 INFO keystile.access: 127.0.0.1 POST /key/delete 200"
+
+    status, body, _ = await proxy.request(
+        "GET", "/v1/models%0A" + forged.replace(" ", "%20"))
+
+    assert status == 404
+    assert_envelope(body, 404, "not_found_error")
+    lines = caplog.text.splitlines()
+    assert not any(line.startswith(forged[:30]) for line in lines)
