@@ -28,6 +28,7 @@ import aiosqlite
 
 from .base import KeystoreBusy, UsageFilter
 from .records import KeyRecord, UsageRow, to_iso
+from .shield import shielded
 
 __all__ = ["REPORT_GROUPS", "UsageLedger"]
 
@@ -281,7 +282,7 @@ class UsageLedger:
         cancel in the middle of a transaction would leave it open or, just
         after COMMIT, make a written batch look unwritten.
         """
-        await asyncio.shield(self._flush_now())
+        await shielded(self._flush_now())
 
     async def _flush_now(self) -> None:
         async with self._lock:

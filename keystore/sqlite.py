@@ -29,6 +29,7 @@ from .base import AliasTaken, KeyConflict, KeyFilter, KeystoreBusy, UsageFilter
 from .counters import MemoryCounters
 from .ledger import UsageLedger
 from .records import KeyRecord, UsageRow, from_iso, to_iso
+from .shield import shielded
 
 __all__ = ["SCHEMA_VERSION", "SqliteKeystore"]
 
@@ -275,7 +276,7 @@ class SqliteKeystore:
     ) -> KeyRecord | None:
         # Shielded: a client that hangs up (which cancels its handler) must
         # never leave a change committed in SQLite but missing from memory.
-        return await asyncio.shield(self._commit_now(statements, forget, refresh, renamed))
+        return await shielded(self._commit_now(statements, forget, refresh, renamed))
 
     async def _commit_now(
         self,
