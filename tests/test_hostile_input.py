@@ -6,14 +6,13 @@ import asyncio
 import gzip
 import logging
 import sqlite3
-import threading
 import time
 from typing import Any
 
 import orjson
 import pytest
 
-from .conftest import MakeProxy, Proxy, base_config
+from .conftest import MakeProxy, Proxy, base_config, write_lock
 from .fakes import FakeUpstream, Script
 
 
@@ -267,29 +266,13 @@ async def test_upstream_retry_after_reaches_the_client_as_whole_seconds(
 
 
 async def test_a_locked_database_is_a_503_and_readiness_does_not_hang(proxy: Proxy) -> None:
-    locked = threading.Event()
-    release = threading.Event()
-
-    def hold_lock() -> None:
-        with sqlite3.connect(proxy.db_path, timeout=1) as db:
-            db.execute("BEGIN EXCLUSIVE")
-            locked.set()
-            release.wait(20)
-            db.rollback()
-
-    holder = threading.Thread(target=hold_lock)
-    holder.start()
-    try:
-        await asyncio.to_thread(locked.wait, 5)
+    async with write_lock(proxy.db_path):
         generate = asyncio.create_task(proxy.request(
             "POST", "/key/generate", key=proxy.master_key, json={"key_alias": "locked"}))
         started = time.monotonic()
         ready_status, _, _ = await proxy.request("GET", "/health/readiness")
         ready_seconds = time.monotonic() - started
         status, body, _ = await generate
-    finally:
-        release.set()
-        await asyncio.to_thread(holder.join, 20)
 
     assert ready_status == 503 and ready_seconds < 3
     assert status == 503

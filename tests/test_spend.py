@@ -171,6 +171,25 @@ async def test_a_failed_migration_leaves_version_2_untouched(tmp_path: Path) -> 
     assert "usage" not in tables
 
 
+async def one_queued_row(make_proxy: MakeProxy, upstream: FakeUpstream) -> tuple[Proxy, str]:
+    """A proxy whose ledger writes only when asked, with one priced request queued."""
+    config = priced_config(upstream)
+    config["general_settings"]["proxy_batch_write_at"] = 60
+    proxy = await make_proxy(config)
+    key = await proxy.generate(key_alias="alpha")
+    assert (await chat(proxy, key, user="ann"))[0] == 200
+    return proxy, key
+
+
+async def give_up_on_spend_logs(proxy: Proxy, seconds: float) -> None:
+    with pytest.raises(TimeoutError):
+        async with proxy.session.get(
+            proxy.url + "/spend/logs", timeout=aiohttp.ClientTimeout(total=seconds),
+            headers={"Authorization": f"Bearer {proxy.master_key}"},
+        ) as response:
+            await response.read()
+
+
 async def test_a_client_giving_up_on_spend_logs_mid_write_breaks_nothing(
     make_proxy: MakeProxy, upstream: FakeUpstream
 ) -> None:
@@ -178,18 +197,9 @@ async def test_a_client_giving_up_on_spend_logs_mid_write_breaks_nothing(
     # another process, that write waits; the client gives up meanwhile.
     # Once the lock is gone the write must finish exactly once, and the
     # connection must be usable again: no transaction left open.
-    config = priced_config(upstream)
-    config["general_settings"]["proxy_batch_write_at"] = 60  # only /spend/logs writes
-    proxy = await make_proxy(config)
-    key = await proxy.generate(key_alias="alpha")
-    assert (await chat(proxy, key, user="ann"))[0] == 200
+    proxy, key = await one_queued_row(make_proxy, upstream)
     async with write_lock(proxy.db_path):
-        with pytest.raises(TimeoutError):
-            async with proxy.session.get(
-                proxy.url + "/spend/logs", timeout=aiohttp.ClientTimeout(total=0.5),
-                headers={"Authorization": f"Bearer {proxy.master_key}"},
-            ) as response:
-                await response.read()
+        await give_up_on_spend_logs(proxy, 0.5)
 
     logs = await spend(proxy, "/spend/logs")
     assert [log["end_user"] for log in logs["logs"]] == ["ann"]
@@ -206,20 +216,11 @@ async def test_a_client_giving_up_on_spend_logs_mid_write_breaks_nothing(
 async def test_spend_logs_answer_503_while_another_process_holds_the_file(
     make_proxy: MakeProxy, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = priced_config(upstream)
-    config["general_settings"]["proxy_batch_write_at"] = 60
-    proxy = await make_proxy(config)
-    key = await proxy.generate(key_alias="alpha")
-    assert (await chat(proxy, key, user="ann"))[0] == 200
+    proxy, _ = await one_queued_row(make_proxy, upstream)
     async with write_lock(proxy.db_path):
         # One client gives up first: its write fails later, with nobody
         # left to hear of it, and must not be reported as a lost error.
-        with pytest.raises(TimeoutError):
-            async with proxy.session.get(
-                proxy.url + "/spend/logs", timeout=aiohttp.ClientTimeout(total=0.2),
-                headers={"Authorization": f"Bearer {proxy.master_key}"},
-            ) as response:
-                await response.read()
+        await give_up_on_spend_logs(proxy, 0.2)
         status, body, _ = await proxy.request("GET", "/spend/logs", key=proxy.master_key)
 
     assert "never retrieved" not in caplog.text
